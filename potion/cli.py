@@ -1,0 +1,207 @@
+"""The ``potion`` command line. Flags become config overrides; the work is in potion.pipeline."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from potion.config import apply_overrides, from_dict, load_yaml
+from potion.errors import PotionError
+
+
+def _base_dict(args) -> dict:
+    return load_yaml(args.config) if args.config else {}
+
+
+def _overrides(pairs: list[tuple[str, object]]) -> list[str]:
+    return [f"{k}={json.dumps(v)}" for k, v in pairs if v is not None]
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file with the job config (flags override it)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set recipe.lr=0.05 (repeatable)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 or auto (default)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+# ---------------------------------------------------------------- train
+def cmd_train(args) -> int:
+    from potion.pipeline.configs import TrainJob
+    from potion.pipeline.train import run_train
+
+    data = _base_dict(args)
+    pairs = [("data.dataset", args.dataset), ("data.args.root", args.data_root),
+             ("poison.trigger", args.poison), ("poison.target", args.target),
+             ("model.name", args.model), ("recipe.iterations", args.iterations),
+             ("recipe.batch_size", args.batch_size), ("recipe.lr", args.lr), ("device", args.device)]
+    if args.poison_share is not None:
+        pairs += [("poison.share", args.poison_share), ("poison.count", None)]
+    if args.poison_count is not None:
+        pairs += [("poison.count", args.poison_count)]
+    if args.seed is not None:
+        pairs += [("poison.seed", args.seed), ("recipe.seed", args.seed)]
+    data = apply_overrides(data, _overrides(pairs) + args.set)
+    if args.poison_count is not None:
+        data["poison"]["share"] = None
+    if args.model and "args" not in data.get("model", {}):
+        data["model"]["args"] = {}  # the default model's args belong to the default model
+    job = from_dict(TrainJob, data)
+    metrics = run_train(job, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    print(json.dumps({k: metrics[k] for k in ("clean_acc", "ra", "asr")}, indent=2))
+    print(f"run folder: {args.out}")
+    return 0
+
+
+# ---------------------------------------------------------------- evaluate
+def cmd_evaluate(args) -> int:
+    from potion.pipeline.evaluate import run_evaluate
+
+    metrics = run_evaluate(args.run, args.checkpoint, device=args.device or "auto")
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+# ---------------------------------------------------------------- heal
+def heal_job_from_args(args):
+    from potion.pipeline.configs import HealJob
+
+    backend = args.backend or ("ray" if (args.address or os.environ.get("RAY_ADDRESS")) else "local")
+    pairs = [("method", args.method), ("backend", backend), ("ptn.rho", args.rho), ("ptn.step", args.step),
+             ("ptn.buffer", args.buffer), ("ptn.max_steps", args.max_steps), ("ptn.strategy", args.strategy),
+             ("window", args.window), ("importance_batch_size", args.batch_size), ("val_size", args.val_size),
+             ("address", args.address), ("num_cpus", args.num_cpus), ("tracking_uri", args.tracking_uri),
+             ("experiment", args.experiment), ("cache_dir", args.cache_dir), ("seed", args.seed),
+             ("device", args.device)]
+    return from_dict(HealJob, apply_overrides(_base_dict(args), _overrides(pairs) + args.set))
+
+
+def cmd_heal(args) -> int:
+    from potion.pipeline.heal import run_heal
+    from potion.pipeline.report import heal_table
+
+    job = heal_job_from_args(args)
+    report = run_heal(args.run, job, args.out, share=args.discovery_share, count=args.discovery_count,
+                      identified=args.identified, overwrite=args.overwrite, progress=not args.quiet)
+    print(heal_table(report))
+    print(f"healed model: {Path(args.out) / 'model.pt'}\nreport: {Path(args.out) / 'report.json'}")
+    return 0
+
+
+# ---------------------------------------------------------------- demo
+def cmd_demo(args) -> int:
+    from potion.pipeline.demo import run_demo
+
+    run_demo(args.out, overwrite=args.overwrite, smoke=args.smoke, backend=args.backend, progress=not args.quiet)
+    return 0
+
+
+# ---------------------------------------------------------------- benchmark / report
+def cmd_benchmark(args) -> int:
+    from potion.pipeline.benchmark import run_benchmark
+
+    return run_benchmark(args)
+
+
+def cmd_report(args) -> int:
+    from potion.pipeline.benchmark_report import run_report
+
+    return run_report(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="potion", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="poison a dataset and train a model on it")
+    p.add_argument("--dataset", help="registered dataset: digits (default), parquet, cifar10, cifar100, imagefolder")
+    p.add_argument("--data-root", help="folder or file of the dataset (data.args.root)")
+    p.add_argument("--poison", help="trigger: badnet (default), sine, moving")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--poison-share", type=float, help="share of the training set to poison (0.02 = 2 %%)")
+    g.add_argument("--poison-count", type=int, help="number of training samples to poison")
+    p.add_argument("--target", type=int, help="target class of the attack (default 0)")
+    p.add_argument("--model", help="registered model: resnet9 (default), wrn, vit, small_cnn")
+    p.add_argument("--iterations", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int, help="seed of the poison draw and of training")
+    p.add_argument("--out", required=True, help="run folder to create")
+    _add_common(p)
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("evaluate", help="clean_acc, ra and asr of a run's model (or another checkpoint)")
+    p.add_argument("--run", required=True)
+    p.add_argument("--checkpoint", help="evaluate this checkpoint against the run's data instead of the run's model")
+    p.add_argument("--device")
+    p.set_defaults(fn=cmd_evaluate)
+
+    p = sub.add_parser("heal", help="unlearn a partly identified poison from a trained run")
+    p.add_argument("--run", required=True, help="run folder written by `potion train`")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--discovery-share", type=float, help="draw this share of the poison as the deletion set")
+    g.add_argument("--discovery-count", type=int, help="draw this many poisoned samples (1 = one-shot healing)")
+    g.add_argument("--identified", help="CSV/Parquet of the training-set indices you identified as poison")
+    p.add_argument("--method", help="xlf_ptn (default), lf_ptn, ssd_ptn, ssd, ssd_grid, eu, none")
+    p.add_argument("--backend", choices=["local", "ray"],
+                   help="local, or ray (default when --address or RAY_ADDRESS is given)")
+    p.add_argument("--rho", type=float, help="PTN stop threshold ρ (default 0.2)")
+    p.add_argument("--step", type=float, help="PTN step c (default 1.1)")
+    p.add_argument("--buffer", type=float, help="PTN start buffer b (default 25)")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--strategy", choices=["linear", "waves", "bisect"])
+    p.add_argument("--window", type=int, help="PTN steps in flight at once (Ray backend)")
+    p.add_argument("--batch-size", type=int, help="importance batch size B (default 512)")
+    p.add_argument("--val-size", type=int, help="clean validation images for the trade-off curve (default 0)")
+    p.add_argument("--address", help="Ray cluster address (or RAY_ADDRESS)")
+    p.add_argument("--num-cpus", type=int, help="CPUs of a local Ray cluster")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI ('none' to disable; default OUT/mlflow.db)")
+    p.add_argument("--experiment", help="MLflow experiment name")
+    p.add_argument("--cache-dir", help="importance cache folder ('none' to disable)")
+    p.add_argument("--seed", type=int, help="seed of the deletion-set draw")
+    p.add_argument("--out", required=True)
+    _add_common(p)
+    p.set_defaults(fn=cmd_heal)
+
+    p = sub.add_parser("demo", help="the whole pipeline on the embedded digits data")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--smoke", action="store_true", help="a smaller, faster run")
+    p.add_argument("--backend", choices=["local", "ray"], default="ray")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("benchmark", help="run a benchmark suite (benchmarks/suites/*.yaml)")
+    p.add_argument("--suite", required=True, help="suite name or YAML path")
+    p.add_argument("--out", help="results folder (default benchmarks/work/<suite>)")
+    p.add_argument("--dry-run", action="store_true", help="list the cells and check the config")
+    p.add_argument("--address", help="Ray cluster address (or RAY_ADDRESS)")
+    p.add_argument("--num-cpus", type=int)
+    p.add_argument("--tracking-uri")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(fn=cmd_benchmark)
+
+    p = sub.add_parser("report", help="markdown summary and plots of a benchmark results table")
+    p.add_argument("results", help="results.parquet (or its folder)")
+    p.add_argument("--out", help="folder for summary.md and the plots (default: beside the table)")
+    p.set_defaults(fn=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except PotionError as e:
+        print(f"potion: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("potion: interrupted; finished outputs were left as they were", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

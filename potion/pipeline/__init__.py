@@ -1,0 +1,1 @@
+"""Glue: the jobs users run (train, evaluate, heal, demo, benchmark) on top of the core."""

@@ -1,0 +1,72 @@
+"""Typed configs of the command-line jobs (train, heal), loadable from YAML."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from potion.training import TrainRecipe
+from potion.unlearning.ptn import PTNConfig
+
+
+@dataclass
+class DataConfig:
+    """Which dataset source to load; ``args`` go to its registered factory."""
+
+    dataset: str = "digits"
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PoisonConfig:
+    """SPEC §3: n poisoned samples (a share of |D| or a count), trigger, target class."""
+
+    trigger: str = "badnet"
+    share: float | None = 0.02
+    count: int | None = None
+    target: int = 0
+    params: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet9"
+    args: dict[str, Any] = field(default_factory=lambda: {"width": 0.25})
+
+
+@dataclass
+class TrainJob:
+    """Everything ``potion train`` needs; saved as ``config.yaml`` in the run folder."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    poison: PoisonConfig = field(default_factory=PoisonConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    recipe: TrainRecipe = field(default_factory=lambda: TrainRecipe(iterations=500, batch_size=128, lr=0.05))
+    device: str = "auto"
+    eval_batch_size: int = 512
+
+
+@dataclass
+class HealJob:
+    """Everything ``potion heal`` needs besides the run folder and the deletion set."""
+
+    method: str = "xlf_ptn"
+    backend: Literal["local", "ray"] = "local"
+    ptn: PTNConfig = field(default_factory=PTNConfig)
+    importance_batch_size: int = 512
+    importance_augment: bool = False
+    ssd_alpha: float = 10.0
+    ssd_lambda: float = 1.0
+    val_size: int = 0
+    seed: int = 0
+    device: str = "auto"
+    cache_dir: str | None = None
+    # Ray backend
+    address: str | None = None
+    num_cpus: int | None = None
+    window: int = 4
+    gpus_per_trial: float = 0.25
+    importance_shards: int = 0
+    # MLflow
+    tracking_uri: str | None = None
+    experiment: str = "potion-heal"

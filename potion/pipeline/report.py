@@ -1,0 +1,38 @@
+"""Plain-text tables for the terminal."""
+from __future__ import annotations
+
+import math
+
+
+def fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.4g}" if abs(v) < 1e-3 and v != 0 else f"{v:.2f}" if abs(v) >= 10 else f"{v:.4f}"
+    return str(v)
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    line = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths))  # noqa: E731
+    return "\n".join([line(columns), line(["-" * w for w in widths]), *(line(r) for r in cells)])
+
+
+METRIC_COLUMNS = ["model", "clean_acc", "ra", "asr", "poison_healed", "model_damage"]
+
+
+def heal_rows(report: dict) -> list[dict]:
+    """'none' (θ0) and the healed model, as rows of the before/after table."""
+    b, a = report["before"], report["after"]
+    return [
+        {"model": "none (θ0)", **b, "poison_healed": report["before_poison_healed"], "model_damage": 0.0},
+        {"model": report["method"], **a},
+    ]
+
+
+def heal_table(report: dict) -> str:
+    head = (f"method {report['method']} ({report['backend']}), deletion set {report['deletion_set']['size']} "
+            f"of {report['deletion_set']['n_poison_total']} poisoned; k*={report.get('k_star')} "
+            f"alpha={fmt(report.get('alpha'))}")
+    return head + "\n" + format_table(heal_rows(report), METRIC_COLUMNS)

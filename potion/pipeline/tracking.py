@@ -1,0 +1,331 @@
+"""MLflow tracking of a heal: one parent run per search, one child run per evaluated step.
+
+Every call names its tracking URI (MLflow >= 3.7 would otherwise write ``mlflow.db`` into
+whatever the current folder is), and everything goes through an ``MlflowClient`` with
+explicit run ids rather than MLflow's process-wide "active run", so Ray Tune's MLflow
+callback (which also sets the global URI) cannot break the parent run.
+
+On one machine the default store is ``sqlite:///<out>/mlflow.db`` with artifacts in
+``<out>/mlruns``. With Ray workers on other machines a sqlite file is not reachable from
+them, but it need not be: the Tune callback writes every child run from the driver.
+"""
+from __future__ import annotations
+
+import math
+import sqlite3
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+from urllib.parse import urlparse
+
+from potion.errors import PotionError
+
+CHECK_TIMEOUT_S = 5.0
+CURVE_KEYS = ("s", "alpha", "n_selected", "acc_forget", "acc_val")
+CHILD_KEYS = ("k", "s", "alpha", "lam", "n_selected", "acc_forget", "acc_val")
+PLOT_FILE = "plots/ptn_tradeoff.png"
+
+
+def default_tracking_uri(out: str | Path) -> str:
+    return f"sqlite:///{(Path(out) / 'mlflow.db').resolve()}"
+
+
+def default_artifact_root(uri: str) -> Path | None:
+    """``<folder of the sqlite file>/mlruns`` for a sqlite store, else the server's choice."""
+    path = _sqlite_path(uri)
+    return None if path is None else path.parent / "mlruns"
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    # SQLAlchemy's form: sqlite:///relative/file.db or sqlite:////absolute/file.db
+    if not uri.startswith("sqlite:///"):
+        return None
+    rest = uri[len("sqlite:///"):].split("?", 1)[0]
+    if rest in ("", ":memory:"):
+        return None
+    return Path(rest)
+
+
+def check_tracking(uri: str, timeout: float = CHECK_TIMEOUT_S) -> None:
+    """Fail in seconds, before any compute, when the tracking store cannot be used.
+
+    MLflow's own client retries an unreachable server with exponential backoff for
+    minutes, so a stopped server would otherwise surface only after the whole heal.
+    """
+    if not uri or not isinstance(uri, str):
+        raise PotionError("the MLflow tracking URI is empty; pass --tracking-uri (e.g. sqlite:///out/mlflow.db)")
+    scheme = urlparse(uri).scheme
+    if scheme == "sqlite":
+        _check_sqlite(uri)
+    elif scheme in ("http", "https"):
+        _check_server(uri, timeout)
+    elif scheme in ("", "file"):
+        path = Path(urlparse(uri).path if scheme == "file" else uri)
+        _check_writable_dir(path, uri)
+    # databricks://, other plugins: nothing cheap to check; MLflow reports problems itself.
+
+
+def _check_sqlite(uri: str) -> None:
+    path = _sqlite_path(uri)
+    if path is None:
+        return
+    _check_writable_dir(path.parent, uri)
+    if path.exists():
+        try:
+            with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=CHECK_TIMEOUT_S) as con:
+                con.execute("select count(*) from sqlite_master").fetchone()
+        except sqlite3.DatabaseError as e:
+            raise PotionError(
+                f"MLflow tracking store {uri}: {path} exists but is not a usable sqlite database ({e}); "
+                "point --tracking-uri at another file"
+            ) from None
+
+
+def _check_writable_dir(path: Path, uri: str) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PotionError(f"MLflow tracking store {uri}: cannot create folder {path} ({e.strerror})") from None
+
+
+def _check_server(uri: str, timeout: float) -> None:
+    health = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(health, timeout=timeout) as resp:
+            if resp.status == 200:
+                return
+            problem = f"HTTP {resp.status}"
+    except urllib.error.HTTPError as e:
+        problem = f"HTTP {e.code}"
+    except (urllib.error.URLError, OSError) as e:
+        problem = str(getattr(e, "reason", e))
+    raise PotionError(
+        f"the MLflow tracking server at {uri} does not answer ({problem} from {health}). Start it, e.g. "
+        f"`mlflow server --host 0.0.0.0 --port {urlparse(uri).port or 5000} --backend-store-uri "
+        "sqlite:///mlflow.db`, or pass --tracking-uri sqlite:///<folder>/mlflow.db to track into a local file"
+    )
+
+
+def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config → ``a.b`` keys with string values MLflow accepts (≤ 6000 characters)."""
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            flat.update(flatten_params(value, name))
+        else:
+            text = str(value)
+            flat[name] = text if len(text) <= 6000 else text[:5997] + "..."
+    return flat
+
+
+def _step_dict(step: Any) -> dict[str, Any]:
+    return step.to_dict() if hasattr(step, "to_dict") else dict(step)
+
+
+def _numeric(d: Mapping[str, Any], keys: Iterable[str]) -> dict[str, float]:
+    out = {}
+    for key in keys:
+        v = d.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)):
+            out[key] = float(v)
+    return out
+
+
+def _chunks(items: Sequence, n: int):
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
+
+
+class SearchTracker:
+    """Context manager around one parent MLflow run.
+
+    ``params`` (the config) are logged once on entry; per-step child runs come either from
+    :meth:`tune_callback` (Ray backend; written by the driver) or :meth:`log_children`
+    (local backend) — never both. Every ``log_*`` call is idempotent: what was logged once
+    is not logged again.
+    """
+
+    def __init__(self, uri: str, experiment: str, run_name: str, params: Mapping[str, Any] | None = None,
+                 artifact_root: str | Path | None = None, tags: Mapping[str, str] | None = None):
+        if not uri:
+            raise PotionError("SearchTracker needs an explicit tracking URI")
+        self.uri = uri
+        self.experiment = experiment
+        self.run_name = run_name
+        self.params = flatten_params(params or {})
+        self.artifact_root = Path(artifact_root) if artifact_root else default_artifact_root(uri)
+        self.tags = dict(tags or {})
+        self.client = None
+        self.experiment_id: str | None = None
+        self.parent_run_id: str | None = None
+        self._children_by_callback = False
+        self._logged: set[str] = set()
+
+    # -- lifetime -----------------------------------------------------------------
+    def __enter__(self) -> "SearchTracker":
+        from mlflow import MlflowClient
+
+        check_tracking(self.uri)
+        self.client = MlflowClient(tracking_uri=self.uri)
+        exp = self.client.get_experiment_by_name(self.experiment)
+        if exp is None:
+            location = None
+            if self.artifact_root is not None:
+                self.artifact_root.mkdir(parents=True, exist_ok=True)
+                location = self.artifact_root.resolve().as_uri()
+            self.experiment_id = self.client.create_experiment(self.experiment, artifact_location=location)
+        else:
+            self.experiment_id = exp.experiment_id
+        run = self.client.create_run(self.experiment_id, run_name=self.run_name, tags=self.tags)
+        self.parent_run_id = run.info.run_id
+        self._log_params(self.parent_run_id, self.params)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self.client is not None and self.parent_run_id is not None:
+            if exc is not None:
+                self.client.set_tag(self.parent_run_id, "error", f"{exc_type.__name__}: {exc}"[:5000])
+            self.client.set_terminated(self.parent_run_id, "FAILED" if exc is not None else "FINISHED")
+        return False
+
+    @property
+    def run_id(self) -> str | None:
+        return self.parent_run_id
+
+    def _require(self) -> None:
+        if self.parent_run_id is None:
+            raise RuntimeError("SearchTracker used outside its `with` block")
+
+    def _once(self, key: str) -> bool:
+        """True the first time ``key`` is seen: the caller logs; afterwards it skips."""
+        if key in self._logged:
+            return False
+        self._logged.add(key)
+        return True
+
+    def _log_params(self, run_id: str, params: Mapping[str, str]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in params.items()]
+        for chunk in _chunks(items, 100):
+            self.client.log_batch(run_id, params=chunk)
+
+    def _log_metric_list(self, run_id: str, metrics: list) -> None:
+        for chunk in _chunks(metrics, 1000):
+            self.client.log_batch(run_id, metrics=chunk)
+
+    # -- children -----------------------------------------------------------------
+    def tune_callback(self):
+        """Ray Tune callback that logs each trial as a child run of the parent run.
+
+        The explicit ``tracking_uri`` matters: without it the callback resets the
+        process's URI and the parent run is no longer found.
+        """
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        self._require()
+        self._children_by_callback = True
+        return MLflowLoggerCallback(
+            tracking_uri=self.uri, experiment_name=self.experiment,
+            tags={"mlflow.parentRunId": self.parent_run_id, **self.tags},
+        )
+
+    def log_children(self, trace: Iterable[Any]) -> int:
+        """One child run per evaluated step (local backend). Steps already logged, or all
+        of them when the Tune callback logs the children, are skipped. Returns how many
+        child runs were created."""
+        from mlflow.entities import Metric, Param
+
+        self._require()
+        if self._children_by_callback:
+            return 0
+        made = 0
+        for step in trace:
+            d = _step_dict(step)
+            if not self._once(f"child:{int(d['k'])}"):
+                continue
+            run = self.client.create_run(self.experiment_id, run_name=f"k={int(d['k'])}",
+                                         tags={"mlflow.parentRunId": self.parent_run_id, **self.tags})
+            now = int(time.time() * 1000)
+            metrics = [Metric(k, v, now, 0) for k, v in _numeric(d, CHILD_KEYS).items()]
+            self.client.log_batch(run.info.run_id, metrics=metrics, params=[Param("k", str(int(d["k"])))])
+            self.client.set_terminated(run.info.run_id, "FINISHED")
+            made += 1
+        return made
+
+    # -- the parent's curve and results -------------------------------------------
+    def log_curve(self, trace: Sequence[Any], threshold: float | None = None, k_star: int | None = None) -> None:
+        """The trade-off curve: parent metrics stepped by k, and a PNG plot of it; with
+        ``k_star`` also ``k_star``, ``s_star`` and ``alpha_star`` (the chosen step)."""
+        from mlflow.entities import Metric
+
+        self._require()
+        steps = sorted((_step_dict(s) for s in trace), key=lambda d: d["k"])
+        if not steps or not self._once("curve"):
+            return
+        now = int(time.time() * 1000)
+        metrics = [Metric(key, v, now, int(d["k"])) for d in steps for key, v in _numeric(d, CURVE_KEYS).items()]
+        hit = [d for d in steps if d["k"] == k_star]
+        if hit:  # the chosen step, under names the curve does not use
+            metrics += [Metric(f"{key}_star", v, now, 0) for key, v in _numeric(hit[0], ("k", "s", "alpha")).items()]
+        self._log_metric_list(self.parent_run_id, metrics)
+        self.client.log_figure(self.parent_run_id, tradeoff_figure(steps, threshold, k_star), PLOT_FILE)
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        """Final numbers on the parent run (e.g. k*, α, attack metrics after healing)."""
+        from mlflow.entities import Metric
+
+        self._require()
+        now = int(time.time() * 1000)
+        todo = [Metric(k, v, now, step or 0) for k, v in _numeric(metrics, list(metrics)).items()
+                if self._once(f"metric:{k}:{step}")]
+        self._log_metric_list(self.parent_run_id, todo)
+
+    def log_model(self, checkpoint_path: str | Path) -> None:
+        """The potion checkpoint file as artifact ``model/<name>`` (load it back with
+        ``potion.models.load_checkpoint``)."""
+        self._log_file(Path(checkpoint_path), "model")
+
+    def log_files(self, paths: Iterable[str | Path], artifact_path: str = "outputs") -> None:
+        """Manifest, deletion set, report... as artifacts under ``artifact_path``."""
+        for p in paths:
+            self._log_file(Path(p), artifact_path)
+
+    def _log_file(self, path: Path, artifact_path: str) -> None:
+        self._require()
+        if not path.is_file():
+            raise PotionError(f"cannot log {path} to MLflow: it does not exist or is not a file")
+        if self._once(f"file:{artifact_path}/{path.name}"):
+            self.client.log_artifact(self.parent_run_id, str(path), artifact_path)
+
+
+def tradeoff_figure(steps: Sequence[Mapping[str, Any]], threshold: float | None = None, k_star: int | None = None):
+    """Accuracy on the deletion set (and validation) against the share s of dampened
+    parameters: the trade-off PTN walks along. Uses the Agg canvas, never a display."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    s = [d["s"] for d in steps]
+    ax.plot(s, [d["acc_forget"] for d in steps], "o-", ms=3, label="accuracy on deletion set (a_k)")
+    if any(d.get("acc_val") is not None for d in steps):
+        pts = [(d["s"], d["acc_val"]) for d in steps if d.get("acc_val") is not None]
+        ax.plot(*zip(*pts), "s-", ms=3, label="validation accuracy")
+    if threshold is not None:
+        ax.axhline(threshold, color="gray", ls="--", lw=1, label="threshold ρ·acc0")
+    if k_star is not None:
+        hit = [d for d in steps if d["k"] == k_star]
+        if hit:
+            ax.axvline(hit[0]["s"], color="red", lw=1, label=f"k* = {k_star}")
+    ax.set_xscale("log")
+    ax.set_xlabel("share of parameters dampened, s")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

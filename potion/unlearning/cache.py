@@ -1,0 +1,137 @@
+"""On-disk cache of importances, keyed by what they depend on.
+
+Importances on Dr are the most expensive step of the method (one forward and backward
+pass over the training set), and benchmark grids reuse them across deletion sets and
+methods. An entry is keyed by a hash of the model's weights, the data, the estimator, p,
+and the batch size (I depends on B, SPEC §5). Entries are safetensors files written
+atomically with a checksum of their tensor bytes; anything that fails to load or to
+match its checksum is deleted and treated as a miss, never trusted.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Callable, Mapping
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from potion.errors import PotionError
+from potion.io import atomic_write
+
+Tensor = torch.Tensor
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = "potion-importances-v1"
+_KEY = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _tensor_bytes(t: Tensor) -> memoryview:
+    # A flat uint8 view works for every dtype (bfloat16 has no numpy equivalent).
+    return memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def _hash_tensors(h: "hashlib._Hash", tensors: Mapping[str, Tensor]) -> None:
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(_tensor_bytes(t))
+
+
+def tensors_checksum(tensors: Mapping[str, Tensor]) -> str:
+    h = hashlib.sha256()
+    _hash_tensors(h, tensors)
+    return h.hexdigest()
+
+
+def hash_arrays(*arrays: np.ndarray) -> str:
+    """sha256 of the arrays' dtypes, shapes and bytes, in order (a data fingerprint)."""
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}\0{a.shape}\0".encode())
+        h.update(memoryview(a).cast("B") if a.size else b"")
+    return h.hexdigest()
+
+
+class ImportanceCache:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def key(
+        self,
+        model_state: Mapping[str, Tensor] | nn.Module,
+        data_hash: str,
+        estimator: str,
+        p: float | None,
+        batch_size: int,
+        extra: str = "",
+    ) -> str:
+        """sha256 over the weights (every state entry, sorted by name) and the settings.
+
+        Buffers such as batch-norm running statistics are part of the state: in eval
+        mode they change the gradients, so they must change the key.
+        """
+        state = model_state.state_dict() if isinstance(model_state, nn.Module) else model_state
+        h = hashlib.sha256()
+        h.update(CACHE_FORMAT.encode() + b"\0")
+        _hash_tensors(h, state)
+        settings = {
+            "data": data_hash,
+            "estimator": estimator,
+            "p": None if p is None else float(p),
+            "batch_size": int(batch_size),
+            "extra": extra,
+        }
+        h.update(json.dumps(settings, sort_keys=True).encode())
+        return h.hexdigest()
+
+    def path(self, key: str) -> Path:
+        if not _KEY.match(key):
+            raise PotionError(f"importance cache key must be a sha256 hex digest, got '{key}'")
+        return self.root / f"{key}.safetensors"
+
+    def get(self, key: str) -> dict[str, Tensor] | None:
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+            ok = (
+                meta.get("format") == CACHE_FORMAT
+                and meta.get("key") == key
+                and meta.get("checksum") == tensors_checksum(tensors)
+            )
+        except Exception as e:  # any unreadable file is a miss; its cause goes to the log
+            log.warning("importance cache entry %s is unreadable (%s); recomputing", path, e)
+            ok = False
+        if not ok:
+            log.warning("importance cache entry %s failed its check; deleting it", path)
+            path.unlink(missing_ok=True)
+            return None
+        return tensors
+
+    def get_or_compute(self, key: str, compute: Callable[[], Mapping[str, Tensor]]) -> dict[str, Tensor]:
+        """The cached entry, or ``compute()`` stored under ``key`` and returned."""
+        hit = self.get(key)
+        if hit is not None:
+            return hit
+        value = {n: t.detach().to("cpu") for n, t in compute().items()}
+        self.put(key, value)
+        return value
+
+    def put(self, key: str, tensors: Mapping[str, Tensor]) -> Path:
+        path = self.path(key)
+        # Fresh contiguous CPU copies: safetensors refuses views and shared storage.
+        data = {n: t.detach().to("cpu").contiguous().clone() for n, t in tensors.items()}
+        meta = {"format": CACHE_FORMAT, "key": key, "checksum": tensors_checksum(data)}
+        return atomic_write(path, lambda tmp: save_file(data, tmp, metadata=meta))

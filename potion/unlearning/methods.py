@@ -1,0 +1,199 @@
+"""Unlearning methods behind one entry point, ``heal(name, ctx)`` (SPEC §9).
+
+A method sees the world only through :class:`HealContext`: the model and θ0, batch
+sources for Dr and Sf, and optional callables through which the pipeline plugs in what
+this package must not know about (the importance cache or a Ray-sharded pass, a Ray
+search backend, retraining with the run's recipe, and — for the ``ssd_grid`` baseline
+only — a score that reads ground truth).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from potion.errors import PotionError
+from potion.registry import Registry
+from potion.unlearning.dampening import dampen
+from potion.unlearning.importances import compute_importances
+from potion.unlearning.ptn import PTNConfig, PTNResult, StepEvaluator, ptn_search
+
+Tensor = torch.Tensor
+StateDict = dict[str, Tensor]
+Which = Literal["forget", "retain"]
+ImportanceFn = Callable[[str, "float | None", Callable[[], Iterable], Which], Mapping[str, Tensor]]
+
+# Goel et al.'s SSD tuning grid (SPEC §9): α values and λ as multiples of α.
+SSD_GRID_ALPHAS: tuple[float, ...] = (0.1, 1.0, 10.0, 50.0, 100.0, 500.0, 1e3, 1e4, 1e5, 1e6)
+SSD_GRID_LAMBDA_FACTORS: tuple[float, ...] = (0.1, 0.5, 1.0, 5.0, 10.0)
+# λ outside this range is skipped. The rule is defined for every λ > 0, so by default
+# nothing is skipped; narrow it to shorten the grid.
+SSD_GRID_LAMBDA_RANGE: tuple[float, float] = (0.0, float("inf"))
+
+TIMING_KEYS = ("importance_forget_s", "importance_retain_s", "search_s", "total_s")
+
+
+@dataclass
+class HealContext:
+    model: nn.Module
+    state0: Mapping[str, Tensor]
+    retain_batches: Callable[[], Iterable]  # a fresh pass over Dr per call
+    forget_batches: Sequence  # Sf as (x, y) batches with the poisoned labels
+    n_forget: int
+    n_total: int
+    ptn: PTNConfig = field(default_factory=PTNConfig)
+    device: str = "cpu"
+    progress: bool = False
+    # (estimator, p, batches_fn, which) -> importances; None = compute here, no cache.
+    importances: ImportanceFn | None = None
+    val_batches: Sequence | Callable[[], Iterable] | None = None
+    retrain: Callable[[], StateDict] | None = None  # eu: retrain on Dr with θ0's recipe
+    grid_score: Callable[[StateDict], float] | None = None  # ssd_grid only: reads ground truth
+    ssd_alpha: float = 10.0
+    ssd_lambda: float = 1.0
+    search: Callable[[StepEvaluator, PTNConfig], PTNResult] | None = None  # e.g. the Ray backend
+    retain_total: int | None = None  # number of Dr batches, for the progress bar
+
+
+@dataclass
+class HealResult:
+    method: str
+    state_dict: StateDict
+    info: dict[str, Any]
+    timings: dict[str, float]
+
+
+METHODS: Registry[Callable[[HealContext], HealResult]] = Registry("unlearning method")
+
+
+def _importances(ctx: HealContext, estimator: str, which: Which) -> tuple[Mapping[str, Tensor], float]:
+    batches_fn: Callable[[], Iterable] = (lambda: ctx.forget_batches) if which == "forget" else ctx.retain_batches
+    t0 = time.perf_counter()
+    if ctx.importances is not None:
+        imp = ctx.importances(estimator, None, batches_fn, which)
+    else:
+        total = len(ctx.forget_batches) if which == "forget" else ctx.retain_total
+        imp = compute_importances(
+            ctx.model, batches_fn(), estimator, device=ctx.device, progress=ctx.progress, total=total
+        )
+    return imp, time.perf_counter() - t0
+
+
+def _both_importances(ctx: HealContext, estimator: str) -> tuple[Mapping, Mapping, dict[str, float]]:
+    imp_f, t_f = _importances(ctx, estimator, "forget")
+    imp_r, t_r = _importances(ctx, estimator, "retain")
+    return imp_f, imp_r, {"importance_forget_s": t_f, "importance_retain_s": t_r}
+
+
+def _clone(state: Mapping[str, Tensor]) -> StateDict:
+    return {n: t.detach().clone() for n, t in state.items()}
+
+
+@METHODS.register("none")
+def _none(ctx: HealContext) -> HealResult:
+    """θ0 itself: the reference every other method is compared with."""
+    return HealResult("none", _clone(ctx.state0), {}, {})
+
+
+@METHODS.register("ssd")
+def _ssd(ctx: HealContext) -> HealResult:
+    """SSD with fisher importances and fixed (α, λ) (defaults 10, 1)."""
+    imp_f, imp_r, timings = _both_importances(ctx, "fisher")
+    state, n_sel = dampen(ctx.state0, imp_f, imp_r, ctx.ssd_alpha, ctx.ssd_lambda)
+    info = {"estimator": "fisher", "alpha": float(ctx.ssd_alpha), "lam": float(ctx.ssd_lambda), "n_selected": n_sel}
+    return HealResult("ssd", state, info, timings)
+
+
+@METHODS.register("ssd_grid")
+def _ssd_grid(ctx: HealContext) -> HealResult:
+    """SSD tuned over Goel et al.'s (α, λ) grid — BENCHMARK ONLY.
+
+    It picks the pair with the best ``ctx.grid_score(state_dict)``, a callback that
+    measures ra and clean accuracy on held-out data, i.e. it reads ground truth a model
+    owner would not have. Use it as a reference point, never to heal a real model.
+    """
+    if ctx.grid_score is None:
+        raise PotionError(
+            "method 'ssd_grid' needs a grid_score callback (it tunes on ground truth and is a "
+            "benchmark baseline only); use ssd_ptn or xlf_ptn to heal a model"
+        )
+    imp_f, imp_r, timings = _both_importances(ctx, "fisher")
+    t0 = time.perf_counter()
+    grid: list[dict[str, Any]] = []
+    best: tuple[float, StateDict, dict[str, Any]] | None = None
+    lo, hi = SSD_GRID_LAMBDA_RANGE
+    for alpha in SSD_GRID_ALPHAS:
+        for factor in SSD_GRID_LAMBDA_FACTORS:
+            lam = factor * alpha
+            if not (lo < lam <= hi):
+                continue
+            state, n_sel = dampen(ctx.state0, imp_f, imp_r, alpha, lam)
+            score = float(ctx.grid_score(state))
+            point = {"alpha": alpha, "lam": lam, "n_selected": n_sel, "score": score}
+            grid.append(point)
+            if best is None or score > best[0]:  # ties keep the earlier (gentler) pair
+                best = (score, state, point)
+            del state
+    timings["search_s"] = time.perf_counter() - t0
+    assert best is not None
+    _, state, point = best
+    info = {
+        "estimator": "fisher",
+        **point,
+        "grid": grid,
+        "uses_ground_truth": True,
+        "note": "benchmark only: (alpha, lambda) chosen with a score that reads ground truth (SPEC §9)",
+    }
+    return HealResult("ssd_grid", state, info, timings)
+
+
+def _ptn_method(name: str, estimator: str) -> Callable[[HealContext], HealResult]:
+    def run(ctx: HealContext) -> HealResult:
+        imp_f, imp_r, timings = _both_importances(ctx, estimator)
+        t0 = time.perf_counter()
+        evaluator = StepEvaluator(
+            ctx.model, ctx.state0, imp_f, imp_r, ctx.forget_batches, ctx.n_forget, ctx.n_total,
+            ctx.ptn, val_batches=ctx.val_batches, device=ctx.device,
+        )
+        res = (ctx.search or ptn_search)(evaluator, ctx.ptn)
+        timings["search_s"] = time.perf_counter() - t0
+        info = {"estimator": estimator, "lam": 1.0, "ptn": dataclasses.asdict(ctx.ptn), **res.to_dict()}
+        return HealResult(name, res.state_dict, info, timings)
+
+    run.__doc__ = f"PTN search (SPEC §8) over SSD dampening with {estimator} importances."
+    return run
+
+
+METHODS.register("ssd_ptn")(_ptn_method("ssd_ptn", "fisher"))
+METHODS.register("lf_ptn")(_ptn_method("lf_ptn", "lf"))
+METHODS.register("xlf_ptn")(_ptn_method("xlf_ptn", "xlf"))
+
+
+@METHODS.register("eu")
+def _eu(ctx: HealContext) -> HealResult:
+    """Exact unlearning: re-initialise and retrain on Dr with θ0's recipe (caller's callback)."""
+    if ctx.retrain is None:
+        raise PotionError("method 'eu' needs a retrain callback that retrains the model on the retain set")
+    t0 = time.perf_counter()
+    state = ctx.retrain()
+    return HealResult("eu", dict(state), {}, {"retrain_s": time.perf_counter() - t0})
+
+
+def heal(method_name: str, ctx: HealContext) -> HealResult:
+    """Run one method from θ0; the returned state is also loaded into ``ctx.model``."""
+    fn = METHODS.get(method_name)
+    t0 = time.perf_counter()
+    # A private θ0: the caller's state0 is often model.state_dict(), whose tensors alias
+    # the weights that the search overwrites with every θ_k.
+    # Sf is read twice (importances, then every PTN step): a generator would run dry.
+    ctx = dataclasses.replace(ctx, state0=_clone(ctx.state0), forget_batches=list(ctx.forget_batches))
+    ctx.model.load_state_dict(ctx.state0)  # importances must be measured at θ0
+    result = fn(ctx)
+    result.timings = {**{k: 0.0 for k in TIMING_KEYS}, **result.timings, "total_s": time.perf_counter() - t0}
+    result.info = {"method": method_name, **result.info}
+    ctx.model.load_state_dict(result.state_dict)
+    return result

@@ -1,0 +1,332 @@
+"""PTN search (SPEC §8, the paper's Algorithm 1).
+
+One :class:`StepEvaluator` turns a step k into a measured :class:`StepResult`; the search
+strategies (linear, waves, bisect), the Ray Tune trials and the tests all go through it,
+so every backend evaluates a step the same way. The strategies only decide *which* k to
+evaluate; they are written against ``evaluate_many(ks)`` so a parallel backend can
+evaluate a wave of steps at once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from potion.errors import PotionError
+from potion.unlearning.dampening import RatioQuantiles, dampen, importance_ratios, percentile_for_share
+
+Tensor = torch.Tensor
+STRATEGIES = ("linear", "waves", "bisect")
+
+
+@dataclass
+class PTNConfig:
+    rho: float = 0.2
+    step: float = 1.1
+    buffer: float = 25.0
+    max_steps: int = 500
+    strategy: Literal["linear", "waves", "bisect"] = "linear"
+    window: int = 4
+
+    def __post_init__(self) -> None:
+        if not (0 < self.rho <= 1):
+            raise PotionError(f"ptn.rho must lie in (0, 1], got {self.rho}")
+        if not (math.isfinite(self.step) and self.step > 1):
+            raise PotionError(f"ptn.step must be > 1 (the share grows by this factor per step), got {self.step}")
+        if not (math.isfinite(self.buffer) and self.buffer > 0):
+            raise PotionError(f"ptn.buffer must be > 0, got {self.buffer}")
+        if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or self.max_steps < 0:
+            raise PotionError(f"ptn.max_steps must be an integer >= 0, got {self.max_steps!r}")
+        if self.strategy not in STRATEGIES:
+            raise PotionError(f"ptn.strategy must be one of {', '.join(STRATEGIES)}, got '{self.strategy}'")
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+            raise PotionError(f"ptn.window must be an integer >= 1, got {self.window!r}")
+
+
+def share_at_step(k: int, n_forget: int, n_total: int, buffer: float, step: float) -> float:
+    """s_k = (|Sf| / |D|) / b · c^k."""
+    if n_total <= 0 or n_forget <= 0:
+        raise PotionError(f"PTN needs |Sf| >= 1 and |D| >= 1, got |Sf|={n_forget}, |D|={n_total}")
+    return (n_forget / n_total) / buffer * step**k
+
+
+@dataclass
+class StepResult:
+    k: int
+    s: float
+    alpha: float
+    lam: float
+    n_selected: int
+    acc_forget: float
+    acc_val: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class PTNResult:
+    k_star: int
+    s: float
+    alpha: float
+    n_selected: int
+    acc0: float
+    threshold: float
+    trace: list[StepResult]
+    evaluations: int
+    strategy: str
+    state_dict: dict[str, Tensor] = field(repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything but the weights, JSON-able."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "state_dict"}
+        d["trace"] = [r.to_dict() for r in self.trace]
+        return d
+
+
+class PTNNoCrossing(PotionError):
+    """No k ≤ max_steps brought a_k down to ρ·acc0: a reported failure, not a model."""
+
+    def __init__(self, message: str, trace: list[StepResult]):
+        super().__init__(message)
+        self.trace = trace
+
+
+def smallest_crossing(results: Iterable[StepResult], threshold: float) -> StepResult | None:
+    """The result with the smallest k whose a_k ≤ threshold, or None."""
+    crossing = [r for r in results if r.acc_forget <= threshold]
+    return min(crossing, key=lambda r: r.k) if crossing else None
+
+
+def _to_device(batches: Iterable, device: torch.device) -> list[tuple[Tensor, Tensor]]:
+    out = []
+    for batch in batches:
+        x, y = batch[0], batch[1]
+        out.append((x.to(device), y.to(device)))
+    return out
+
+
+class StepEvaluator:
+    """Evaluates PTN steps k for one (θ0, I_f, I_r, Sf).
+
+    θ0 is cloned on construction and never modified; every θ_k is built from it afresh.
+    ``model`` is scratch space: each evaluation loads θ_k into it.
+    ``val_batches`` (optional) is a sequence of (x, y) batches or a callable returning
+    an iterable of them; it is re-read for every step.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        state0: Mapping[str, Tensor],
+        imp_f: Mapping[str, Tensor],
+        imp_r: Mapping[str, Tensor],
+        forget_batches: Sequence,
+        n_forget: int,
+        n_total: int,
+        config: PTNConfig | None = None,
+        val_batches: Sequence | Callable[[], Iterable] | None = None,
+        device: str | torch.device = "cpu",
+    ):
+        self.config = config or PTNConfig()
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.state0 = {n: t.detach().to(self.device).clone() for n, t in state0.items()}
+        self.imp_f = {n: t.to(self.device) for n, t in imp_f.items()}
+        self.imp_r = {n: t.to(self.device) for n, t in imp_r.items()}
+        self.forget_batches = _to_device(forget_batches, self.device)
+        if not self.forget_batches:
+            raise PotionError("the deletion set is empty: PTN needs at least one identified poisoned sample")
+        self.n_forget, self.n_total = int(n_forget), int(n_total)
+        share_at_step(0, self.n_forget, self.n_total, self.config.buffer, self.config.step)  # validates sizes
+        if val_batches is not None and not callable(val_batches) and not isinstance(val_batches, Sequence):
+            val_batches = list(val_batches)  # a one-shot iterator would be empty from step 2 on
+        self.val_batches = val_batches
+        self.quantiles = RatioQuantiles(importance_ratios(imp_f, imp_r))
+        self._acc0: float | None = None
+
+    # -- the maths of one step ------------------------------------------------------
+    def share(self, k: int) -> float:
+        return share_at_step(k, self.n_forget, self.n_total, self.config.buffer, self.config.step)
+
+    def alpha(self, k: int) -> float:
+        return self.quantiles.percentile(percentile_for_share(self.share(k)))
+
+    def _dampened(self, k: int) -> tuple[dict[str, Tensor], float, int]:
+        alpha = self.alpha(k)
+        state, n_sel = dampen(self.state0, self.imp_f, self.imp_r, alpha, 1.0)
+        return state, alpha, n_sel
+
+    def healed_state(self, k: int) -> dict[str, Tensor]:
+        return self._dampened(k)[0]
+
+    # -- measuring ------------------------------------------------------------------
+    def _accuracy(self, batches: Iterable) -> float:
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        correct = total = 0
+        try:
+            with torch.no_grad():
+                for batch in batches:
+                    x, y = batch[0].to(self.device), batch[1].to(self.device)
+                    correct += int((self.model(x).argmax(dim=1) == y).sum())
+                    total += int(y.shape[0])
+        finally:
+            for m, mode in modes:
+                m.training = mode
+        if total == 0:
+            raise PotionError("cannot measure accuracy on an empty set of batches")
+        return correct / total
+
+    def _val_accuracy(self) -> float | None:
+        if self.val_batches is None:
+            return None
+        batches = self.val_batches() if callable(self.val_batches) else self.val_batches
+        return self._accuracy(batches)
+
+    @property
+    def acc0(self) -> float:
+        """θ0's accuracy on Sf against the poisoned labels (computed once)."""
+        if self._acc0 is None:
+            self.model.load_state_dict(self.state0)
+            self._acc0 = self._accuracy(self.forget_batches)
+        return self._acc0
+
+    @property
+    def threshold(self) -> float:
+        return self.config.rho * self.acc0
+
+    def crossed(self, result: StepResult) -> bool:
+        return result.acc_forget <= self.threshold
+
+    def evaluate(self, k: int) -> StepResult:
+        state, alpha, n_sel = self._dampened(k)
+        self.model.load_state_dict(state)
+        del state
+        return StepResult(
+            k=int(k),
+            s=self.share(k),
+            alpha=alpha,
+            lam=1.0,
+            n_selected=n_sel,
+            acc_forget=self._accuracy(self.forget_batches),
+            acc_val=self._val_accuracy(),
+        )
+
+    def evaluate_many(self, ks: Sequence[int]) -> list[StepResult]:
+        """Hook for parallel backends; locally the steps run one after another."""
+        return [self.evaluate(k) for k in ks]
+
+
+# -- strategies ---------------------------------------------------------------------------
+class _Memo:
+    """Evaluates each k at most once and keeps every result for the trace."""
+
+    def __init__(self, evaluator: Any):
+        self.evaluator = evaluator
+        self.results: dict[int, StepResult] = {}
+
+    def many(self, ks: Sequence[int]) -> list[StepResult]:
+        todo = [k for k in dict.fromkeys(ks) if k not in self.results]
+        if todo:
+            many = getattr(self.evaluator, "evaluate_many", None)
+            got = many(todo) if many is not None else [self.evaluator.evaluate(k) for k in todo]
+            for r in got:
+                self.results[r.k] = r
+        return [self.results[k] for k in ks]
+
+    def one(self, k: int) -> StepResult:
+        return self.many([k])[0]
+
+
+def _linear(memo: _Memo, cfg: PTNConfig, threshold: float) -> StepResult | None:
+    for k in range(cfg.max_steps + 1):
+        r = memo.one(k)
+        if r.acc_forget <= threshold:
+            return r
+    return None
+
+
+def _waves(memo: _Memo, cfg: PTNConfig, threshold: float) -> StepResult | None:
+    # Every k of a wave is evaluated, so the smallest crossing k of the first wave with a
+    # crossing is the first crossing overall: exactly linear's k*, whatever a_k looks like.
+    for start in range(0, cfg.max_steps + 1, cfg.window):
+        wave = list(range(start, min(start + cfg.window, cfg.max_steps + 1)))
+        hit = smallest_crossing(memo.many(wave), threshold)
+        if hit is not None:
+            return hit
+    return None
+
+
+def _bisect(memo: _Memo, cfg: PTNConfig, threshold: float) -> StepResult | None:
+    # Gallop k = 0, 1, 3, 7, 15, … (capped at max_steps) to bracket the first crossing,
+    # then bisect (lo, hi]. Equals linear's k* whenever a_k is non-increasing in k.
+    lo, hi, j = -1, None, 0
+    while True:
+        k = min(2**j - 1, cfg.max_steps)
+        if memo.one(k).acc_forget <= threshold:
+            hi = k
+            break
+        lo = k
+        if k == cfg.max_steps:
+            return None
+        j += 1
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if memo.one(mid).acc_forget <= threshold:
+            hi = mid
+        else:
+            lo = mid
+    return memo.results[hi]
+
+
+_STRATEGY_FNS = {"linear": _linear, "waves": _waves, "bisect": _bisect}
+
+
+def ptn_search(evaluator: Any, config: PTNConfig | None = None) -> PTNResult:
+    """Find k* = the smallest k with a_k ≤ ρ·acc0 and return θ_{k*} (SPEC §8).
+
+    ``evaluator`` is a :class:`StepEvaluator` or anything with ``acc0``, ``evaluate(k)``
+    (and optionally ``evaluate_many``) and ``healed_state(k)``. ``config`` (default: the
+    evaluator's) supplies ρ, the strategy, the window and max_steps; s_k is the
+    evaluator's. After a successful search the evaluator's model holds θ_{k*}.
+    """
+    cfg = config or getattr(evaluator, "config", None) or PTNConfig()
+    acc0 = float(evaluator.acc0)
+    if acc0 == 0:
+        raise PotionError(
+            "the model already misclassifies the whole deletion set: nothing to heal "
+            "(accuracy of θ0 on the deletion set against its poisoned labels is 0)"
+        )
+    threshold = cfg.rho * acc0
+    memo = _Memo(evaluator)
+    hit = _STRATEGY_FNS[cfg.strategy](memo, cfg, threshold)
+    trace = [memo.results[k] for k in sorted(memo.results)]
+    if hit is None:
+        last = trace[-1]
+        raise PTNNoCrossing(
+            f"PTN found no step k <= {cfg.max_steps} with accuracy on the deletion set <= "
+            f"{threshold:.4f} (rho={cfg.rho} x acc0={acc0:.4f}); last a_k={last.acc_forget:.4f} at "
+            f"k={last.k} (s={last.s:.4g}). Raise ptn.max_steps or ptn.step, or lower ptn.buffer",
+            trace,
+        )
+    state = evaluator.healed_state(hit.k)
+    model = getattr(evaluator, "model", None)
+    if isinstance(model, nn.Module):
+        model.load_state_dict(state)
+    return PTNResult(
+        k_star=hit.k,
+        s=hit.s,
+        alpha=hit.alpha,
+        n_selected=hit.n_selected,
+        acc0=acc0,
+        threshold=threshold,
+        trace=trace,
+        evaluations=len(trace),
+        strategy=cfg.strategy,
+        state_dict=state,
+    )

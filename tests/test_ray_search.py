@@ -1,0 +1,276 @@
+"""The Ray Tune PTN search: same k* and weights as the local search, early stop, MLflow.
+
+The searcher's logic is checked first without Ray, by simulating trials that finish in
+random order against brute-force linear answers; then a few real Tune runs on a tiny
+poisoned ResNet-9 (local Ray with 2 CPUs, started once for the module).
+"""
+from __future__ import annotations
+
+import random
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from potion.errors import PotionError
+from potion.pipeline.ray_search import (
+    PTNSearcher,
+    make_payload,
+    make_ray_search,
+    payload_from_evaluator,
+    ray_ptn_search,
+)
+from potion.unlearning.ptn import PTNConfig, PTNNoCrossing, StepEvaluator, StepResult, ptn_search
+
+FINISHED = PTNSearcher.FINISHED
+
+
+# ---------------------------------------------------------------- no Ray: the searcher's logic
+def linear_k_star(accs, threshold, max_steps):
+    for k in range(min(len(accs), max_steps + 1)):
+        if accs[k] <= threshold:
+            return k
+    return None
+
+
+def simulate(searcher: PTNSearcher, accs, window: int, seed: int):
+    """Drive the searcher as Tune does (at most ``window`` trials in flight, each new
+    trial asked for when one ends), finishing trials in a random order."""
+    rng = random.Random(seed)
+    running: dict[str, int] = {}
+    n = 0
+    finished = False
+    while True:
+        while not finished and len(running) < window:
+            got = searcher.suggest(f"t{n}")
+            if got == FINISHED:
+                finished = True
+            elif got is None:
+                break
+            else:
+                running[f"t{n}"] = got["k"]
+                n += 1
+        if not running:
+            assert finished, "the searcher stalled: nothing running and not finished"
+            return searcher
+        tid = rng.choice(sorted(running))
+        k = running.pop(tid)
+        searcher.on_trial_complete(tid, {"k": k, "s": 0.1, "alpha": 1.0, "lam": 1.0, "n_selected": 1,
+                                         "acc_forget": accs[k]})
+
+
+@pytest.mark.parametrize("window", [1, 2, 4, 7])
+def test_sliding_window_finds_linear_k_star_on_any_curve(window):
+    rng = np.random.default_rng(window)
+    for trial in range(60):
+        n = int(rng.integers(1, 40))
+        accs = list(rng.choice([0.1, 0.5, 0.9], size=n, p=[0.1, 0.3, 0.6]))
+        max_steps = n - 1
+        want = linear_k_star(accs, 0.2, max_steps)
+        s = simulate(PTNSearcher(0.2, max_steps, window, "waves"), accs, window, seed=trial)
+        hit = s.crossing()
+        assert (hit.k if hit else None) == want, (accs, window)
+        if want is not None:
+            assert set(range(want + 1)) <= set(s.results)  # every k below k* was measured
+            assert max(s.proposed) <= want + window - 1  # none beyond the window after k*
+        else:
+            assert sorted(s.results) == list(range(max_steps + 1))
+        assert len(s.proposed) == len(set(s.proposed))  # no k twice
+
+
+@pytest.mark.parametrize("window", [1, 2, 3, 5])
+def test_bisect_equals_linear_on_non_increasing_curves(window):
+    rng = np.random.default_rng(100 + window)
+    for trial in range(60):
+        n = int(rng.integers(1, 300))
+        accs = sorted(rng.uniform(0, 1, size=n), reverse=True)
+        max_steps = n - 1
+        want = linear_k_star(accs, 0.3, max_steps)
+        s = simulate(PTNSearcher(0.3, max_steps, window, "bisect"), accs, window, seed=trial)
+        hit = s.crossing()
+        assert (hit.k if hit else None) == want
+        if want is not None and want > 0:
+            assert want - 1 in s.results  # the bracket is closed: k*-1 measured, not crossing
+        assert len(s.proposed) == len(set(s.proposed))
+        if n > 64:
+            assert len(s.proposed) < n / 2  # it does search, not scan
+
+
+class FakeEvaluator:
+    """a_k from a list; enough of the evaluator interface for ptn_search."""
+
+    def __init__(self, accs, config):
+        self.accs, self.config, self.acc0 = accs, config, 1.0
+        self.seen = []
+
+    def evaluate(self, k):
+        self.seen.append(k)
+        return StepResult(k, 0.1, 1.0, 1.0, 1, self.accs[k])
+
+    def healed_state(self, k):
+        return {}
+
+
+def test_bisect_window_one_probes_the_same_steps_as_the_local_bisect():
+    rng = np.random.default_rng(7)
+    for _ in range(30):
+        n = int(rng.integers(2, 200))
+        accs = sorted(rng.uniform(0, 1, size=n), reverse=True)
+        cfg = PTNConfig(rho=0.3, max_steps=n - 1, strategy="bisect")
+        ev = FakeEvaluator(accs, cfg)
+        try:
+            local = ptn_search(ev, cfg).k_star
+        except PTNNoCrossing:
+            local = None
+        s = simulate(PTNSearcher(0.3, n - 1, 1, "bisect"), accs, 1, seed=0)
+        assert s.proposed == ev.seen
+        assert (s.crossing().k if s.crossing() else None) == local
+
+
+def test_searcher_stops_after_a_failed_trial_and_checks_its_arguments():
+    s = PTNSearcher(0.2, 10, 2, "waves")
+    assert s.suggest("a") == {"k": 0}
+    s.on_trial_complete("a", None, error=True)
+    assert s.failed and s.suggest("b") == FINISHED
+    with pytest.raises(PotionError, match="strategy"):
+        PTNSearcher(0.2, 10, 2, "spiral")
+    with pytest.raises(PotionError, match="window"):
+        PTNSearcher(0.2, 10, 0, "waves")
+
+
+def test_payload_is_numpy_and_rebuilds_the_same_evaluator(problem):
+    p = problem
+    payload = make_payload(model_name=p["name"], model_kwargs=p["kwargs"], state0=p["state0"], imp_f=p["imp_f"],
+                           imp_r=p["imp_r"], forget_batches=p["forget"], n_forget=p["n_forget"],
+                           n_total=p["n_total"], config=p["cfg"], val_batches=p["val"])
+    arrays = list(payload.state0.values()) + list(payload.imp_f.values()) + list(payload.imp_r.values())
+    arrays += [a for b in payload.forget_batches + payload.val_batches for a in b]
+    assert all(isinstance(a, np.ndarray) for a in arrays)
+    from potion.pipeline.ray_search import build_evaluator
+
+    a, b = build_evaluator(payload), p["evaluator"]()
+    assert a.acc0 == b.acc0
+    for k in (0, 3, 9):
+        assert a.evaluate(k) == b.evaluate(k)
+        sa, sb = a.healed_state(k), b.healed_state(k)
+        assert all(torch.equal(sa[n], sb[n]) for n in sb)
+
+
+# ---------------------------------------------------------------- with Ray
+@pytest.fixture(scope="module")
+def ray_local():
+    from potion.pipeline import ray_runtime
+
+    ray_runtime.connect(None, num_cpus=2)
+    yield
+    ray_runtime.shutdown_if_owned()
+
+
+@pytest.fixture(scope="module")
+def problem():
+    """A ResNet-9 (width 1/8) trained 100 steps on digits with 100 BadNet samples;
+    XLF importances on half of them (Sf) and the rest of D (Dr)."""
+    from potion.datasets import draw_deletion_set, load_dataset, make_manifest, make_trigger, train_view
+    from potion.models import create_model
+    from potion.training import TrainRecipe, train_model
+    from potion.unlearning.importances import compute_importances
+
+    torch.manual_seed(0)
+    splits = load_dataset("digits")
+    trig = make_trigger("badnet")
+    manifest = make_manifest(splits.train.labels, 100, 0, trig, 0)
+    view = train_view(splits, manifest, trig)
+    kwargs = dict(num_classes=10, in_channels=1, image_size=view.image_shape[1], width=0.125)
+    model = create_model("resnet9", **kwargs)
+    model = train_model(model, view, TrainRecipe(iterations=100, batch_size=64, lr=0.05, amp=False, seed=0),
+                        progress=False)
+    deletion = draw_deletion_set(manifest, share=0.5, seed=0)
+    retain = np.setdiff1d(np.arange(len(view)), deletion)
+    forget = list(view.subset(deletion).batches(32))
+    val = list(view.subset(retain[:200]).batches(100))
+    state0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    imp_f = compute_importances(model, forget, "xlf")
+    imp_r = compute_importances(model, view.subset(retain).batches(256), "xlf")
+    cfg = PTNConfig(step=1.5, max_steps=60)
+
+    def evaluator(config=cfg, with_val=True):
+        return StepEvaluator(create_model("resnet9", **kwargs), state0, imp_f, imp_r, forget, len(deletion),
+                             len(view), config, val_batches=val if with_val else None)
+
+    return dict(name="resnet9", kwargs=kwargs, state0=state0, imp_f=imp_f, imp_r=imp_r, forget=forget, val=val,
+                n_forget=len(deletion), n_total=len(view), cfg=cfg, evaluator=evaluator)
+
+
+def test_ray_window_search_matches_local_linear_and_logs_children(ray_local, problem, tmp_path):
+    from mlflow import MlflowClient
+
+    from potion.pipeline.tracking import SearchTracker
+
+    cfg = problem["cfg"]
+    local = ptn_search(problem["evaluator"](), cfg)
+    assert 3 <= local.k_star < cfg.max_steps  # a search worth the name
+    window = 2
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with SearchTracker(uri, "ray-search", run_name="t", params={"window": window}) as tracker:
+        search = make_ray_search(model_name=problem["name"], model_kwargs=problem["kwargs"], window=window,
+                                 storage_path=tmp_path / "ray_results", callbacks=[tracker.tune_callback()])
+        t0 = time.perf_counter()
+        got = search(problem["evaluator"](), PTNConfig(**{**cfg.__dict__, "strategy": "waves"}))
+        elapsed = time.perf_counter() - t0
+        parent = tracker.parent_run_id
+
+    assert (got.k_star, got.alpha, got.s, got.n_selected) == (local.k_star, local.alpha, local.s, local.n_selected)
+    assert got.acc0 == local.acc0 and got.threshold == local.threshold
+    assert got.state_dict.keys() == local.state_dict.keys()
+    assert all(torch.equal(got.state_dict[n], local.state_dict[n]) for n in local.state_dict)
+    # the same evaluation function: every step both measured agrees exactly
+    by_k = {r.k: r for r in got.trace}
+    assert [by_k[r.k] for r in local.trace] == local.trace
+    # early stop: nothing past the window after k*, far fewer trials than max_steps
+    ks = sorted(by_k)
+    assert ks[: local.k_star + 1] == list(range(local.k_star + 1))
+    assert max(ks) <= local.k_star + window - 1
+    assert got.evaluations == len(ks) <= local.k_star + window
+    assert (tmp_path / "ray_results").is_dir()
+    print(f"ray window search: k*={got.k_star}, {got.evaluations} trials, {elapsed:.1f}s")
+
+    c = MlflowClient(tracking_uri=uri)
+    runs = c.search_runs([c.get_experiment_by_name("ray-search").experiment_id])
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent]
+    assert len(runs) == 1 + got.evaluations and len(children) == got.evaluations
+    for r in children:
+        step = by_k[int(r.data.metrics["k"])]
+        assert r.data.metrics["acc_forget"] == step.acc_forget and r.data.metrics["alpha"] == step.alpha
+        assert r.data.metrics["acc_val"] == step.acc_val and r.info.status == "FINISHED"
+
+
+def test_ray_bisect_window_one_equals_local_bisect(ray_local, problem, tmp_path):
+    cfg = PTNConfig(**{**problem["cfg"].__dict__, "strategy": "bisect"})
+    ev = problem["evaluator"](cfg, with_val=False)
+    local = ptn_search(problem["evaluator"](cfg, with_val=False), cfg)
+    payload = payload_from_evaluator(ev, cfg, model_name=problem["name"], model_kwargs=problem["kwargs"])
+    got = ray_ptn_search(payload, cfg, window=1, storage_path=tmp_path, evaluator=ev)
+    assert [r.k for r in got.trace] == [r.k for r in local.trace]
+    assert got.trace == local.trace
+    assert got.k_star == local.k_star and got.alpha == local.alpha
+    assert all(torch.equal(got.state_dict[n], local.state_dict[n]) for n in local.state_dict)
+
+
+def test_ray_search_reports_a_failing_trial(ray_local, problem, tmp_path):
+    ev = problem["evaluator"](with_val=False)
+    payload = payload_from_evaluator(ev, model_name=problem["name"], model_kwargs={**problem["kwargs"], "depth": 3})
+    with pytest.raises(PotionError, match="PTN trial failed.*depth"):
+        ray_ptn_search(payload, problem["cfg"], window=2, storage_path=tmp_path, evaluator=ev)
+
+
+def test_ray_search_needs_a_connection_and_a_model_spec(problem, monkeypatch):
+    import ray
+
+    ev = problem["evaluator"](with_val=False)
+    with pytest.raises(PotionError, match="model name"):
+        payload_from_evaluator(ev)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    payload = payload_from_evaluator(ev, model_name="resnet9", model_kwargs=problem["kwargs"])
+    with pytest.raises(PotionError, match="not connected"):
+        ray_ptn_search(payload, problem["cfg"])

@@ -1,0 +1,185 @@
+"""MLflow tracking: parent + child runs, the trade-off curve, artifacts, failing fast."""
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+import torch
+
+from potion.errors import PotionError
+from potion.models import create_model, load_checkpoint, save_checkpoint
+from potion.pipeline.tracking import (
+    PLOT_FILE,
+    SearchTracker,
+    check_tracking,
+    default_artifact_root,
+    default_tracking_uri,
+    flatten_params,
+)
+from potion.unlearning.ptn import StepResult
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One sqlite store for the module: creating one runs MLflow's migrations (seconds)."""
+    root = tmp_path_factory.mktemp("mlflow")
+    return f"sqlite:///{root / 'mlflow.db'}", root
+
+
+def _trace(with_val=True):
+    accs = [0.9, 0.8, 0.85, 0.3, 0.1]
+    return [
+        StepResult(k=k, s=0.001 * 1.5**k, alpha=10.0 / (k + 1), lam=1.0, n_selected=10 * (k + 1),
+                   acc_forget=a, acc_val=(0.95 - 0.01 * k) if with_val else None)
+        for k, a in enumerate(accs)
+    ]
+
+
+def _client(uri):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _runs(uri, experiment):
+    c = _client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    return c.search_runs([exp.experiment_id])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_default_uri_is_explicit_sqlite_beside_mlruns(tmp_path):
+    uri = default_tracking_uri(tmp_path / "out")
+    assert uri == f"sqlite:///{(tmp_path / 'out' / 'mlflow.db').resolve()}"
+    assert default_artifact_root(uri) == (tmp_path / "out" / "mlruns").resolve()
+    assert default_artifact_root("http://host:5000") is None
+
+
+def test_flatten_params_nests_and_truncates():
+    flat = flatten_params({"ptn": {"rho": 0.2, "step": 1.1}, "method": "xlf_ptn", "long": "x" * 7000})
+    assert flat["ptn.rho"] == "0.2" and flat["ptn.step"] == "1.1" and flat["method"] == "xlf_ptn"
+    assert len(flat["long"]) == 6000
+
+
+def test_check_tracking_fails_fast_on_a_stopped_server():
+    uri = f"http://127.0.0.1:{_free_port()}"
+    t0 = time.perf_counter()
+    with pytest.raises(PotionError, match="does not answer.*mlflow server"):
+        check_tracking(uri, timeout=2.0)
+    assert time.perf_counter() - t0 < 5
+
+
+def test_check_tracking_refuses_a_file_that_is_not_sqlite(tmp_path):
+    bad = tmp_path / "mlflow.db"
+    bad.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(PotionError, match="not a usable sqlite database"):
+        check_tracking(f"sqlite:///{bad}")
+    check_tracking(f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}")  # a new file in a new folder is fine
+    assert (tmp_path / "new").is_dir()
+
+
+def test_parent_children_curve_and_artifacts(store, tmp_path):
+    uri, root = store
+    trace = _trace()
+    model = create_model("small_cnn", num_classes=3, in_channels=1, image_size=8, width=4).eval()
+    ckpt = save_checkpoint(tmp_path / "model.pt", model, "small_cnn",
+                           dict(num_classes=3, in_channels=1, image_size=8, width=4))
+    report = tmp_path / "report.json"
+    report.write_text('{"k_star": 3}\n')
+    with SearchTracker(uri, "exp-local", run_name="xlf_ptn:test",
+                       params={"heal": {"ptn": {"rho": 0.2}}, "method": "xlf_ptn"},
+                       artifact_root=root / "mlruns") as tr:
+        assert tr.log_children(trace) == 5
+        assert tr.log_children(trace) == 0  # nothing logged twice
+        tr.log_curve(trace, threshold=0.18, k_star=3)
+        tr.log_curve(trace, threshold=0.18, k_star=3)
+        tr.log_metrics({"after_ra": 0.9, "after_clean_acc": 0.8, "note": "text is skipped"})
+        tr.log_model(ckpt)
+        tr.log_model(ckpt)
+        tr.log_files([report])
+        parent = tr.parent_run_id
+
+    runs = _runs(uri, "exp-local")
+    by_id = {r.info.run_id: r for r in runs}
+    assert len(runs) == 6
+    p = by_id.pop(parent)
+    assert p.info.status == "FINISHED"
+    assert p.data.params["heal.ptn.rho"] == "0.2" and p.data.params["method"] == "xlf_ptn"
+    assert p.data.metrics["after_ra"] == 0.9 and "note" not in p.data.metrics
+    assert (p.data.metrics["k_star"], p.data.metrics["s_star"], p.data.metrics["alpha_star"]) == (3, trace[3].s, 2.5)
+    children = sorted(by_id.values(), key=lambda r: int(r.data.params["k"]))
+    assert [r.data.tags["mlflow.parentRunId"] for r in children] == [parent] * 5
+    for r, step in zip(children, trace):
+        assert r.info.status == "FINISHED"
+        assert r.data.metrics["acc_forget"] == step.acc_forget
+        assert r.data.metrics["alpha"] == step.alpha and r.data.metrics["s"] == step.s
+        assert r.data.metrics["n_selected"] == step.n_selected and r.data.metrics["acc_val"] == step.acc_val
+
+    c = _client(uri)
+    # the curve: one point per k (not two: log_curve was called twice), stepped by k
+    hist = c.get_metric_history(parent, "acc_forget")
+    assert sorted((m.step, m.value) for m in hist) == [(s.k, s.acc_forget) for s in trace]
+    for key in ("s", "alpha", "n_selected", "acc_val"):
+        assert len(c.get_metric_history(parent, key)) == 5
+
+    arts = {f.path for f in c.list_artifacts(parent, "model")} | {f.path for f in c.list_artifacts(parent, "outputs")}
+    assert arts == {"model/model.pt", "outputs/report.json"}
+    assert [f.path for f in c.list_artifacts(parent, "plots")] == [PLOT_FILE]
+    assert str(root / "mlruns") in c.get_experiment_by_name("exp-local").artifact_location
+
+    # the logged checkpoint downloads, loads with potion and scores the same
+    import mlflow
+
+    local = mlflow.artifacts.download_artifacts(run_id=parent, artifact_path="model/model.pt",
+                                                dst_path=str(tmp_path / "dl"), tracking_uri=uri)
+    png = mlflow.artifacts.download_artifacts(run_id=parent, artifact_path=PLOT_FILE,
+                                              dst_path=str(tmp_path / "dl"), tracking_uri=uri)
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    back, meta = load_checkpoint(local)
+    assert meta.name == "small_cnn"
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 1, 8, 8, generator=g), torch.randint(0, 3, (64,), generator=g)
+    with torch.no_grad():
+        acc_a = (model(x).argmax(1) == y).float().mean().item()
+        acc_b = (back(x).argmax(1) == y).float().mean().item()
+        assert torch.equal(model(x), back(x))
+    assert acc_a == acc_b
+
+
+def test_val_accuracy_absent_and_failed_parent(store):
+    uri, _ = store
+    with pytest.raises(RuntimeError, match="boom"):
+        with SearchTracker(uri, "exp-fail", run_name="r", params={}) as tr:
+            tr.log_children(_trace(with_val=False))
+            tr.log_curve(_trace(with_val=False))
+            parent = tr.parent_run_id
+            raise RuntimeError("boom")
+    runs = {r.info.run_id: r for r in _runs(uri, "exp-fail")}
+    assert runs[parent].info.status == "FAILED"
+    assert "boom" in runs[parent].data.tags["error"]
+    assert "acc_val" not in runs[parent].data.metrics
+    assert all("acc_val" not in r.data.metrics for i, r in runs.items() if i != parent)
+
+
+def test_tune_callback_replaces_local_children(store):
+    uri, _ = store
+    with SearchTracker(uri, "exp-cb", run_name="r", params={}) as tr:
+        cb = tr.tune_callback()
+        assert cb.tracking_uri == uri and cb.experiment_name == "exp-cb"
+        assert cb.tags["mlflow.parentRunId"] == tr.parent_run_id
+        assert tr.log_children(_trace()) == 0  # the callback owns the children
+    assert len(_runs(uri, "exp-cb")) == 1
+
+
+def test_missing_artifact_is_an_error(store, tmp_path):
+    uri, _ = store
+    with SearchTracker(uri, "exp-missing", run_name="r") as tr:
+        with pytest.raises(PotionError, match="does not exist"):
+            tr.log_files([tmp_path / "nope.json"])
+    assert _runs(uri, "exp-missing")[0].info.status == "FINISHED"
