@@ -6,7 +6,7 @@ needs (the sliding window runs up to ``window - 1`` steps past k*, bisect needs 
 log2(k*) rounds). On a real model one evaluation is a pass over Sf and the overhead is
 amortised; there the window's parallelism pays off.
 
-    python benchmarks/search_overhead.py            # ~1-2 min on 2 CPUs
+    python benchmarks/search_overhead.py            # ~2 min on 2 CPUs
     python benchmarks/search_overhead.py --smoke    # fewer training steps, window 2
     python benchmarks/search_overhead.py --num-cpus 4 --window 4 --json out.json
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     ray_runtime.connect(None, num_cpus=args.num_cpus)
     t_init = time.perf_counter() - t0
-    storage = tempfile.mkdtemp(prefix="potion-bench-")
+    storage = tempfile.mkdtemp(prefix="potion-bench-")  # Tune's experiment files; removed below
     try:
         for strategy in ("waves", "bisect"):
             search = make_ray_search(model_name="resnet9", model_kwargs=kwargs, window=window, strategy=strategy,
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((f"ray {strategy} (W={window})", got, time.perf_counter() - t0))
     finally:
         ray_runtime.shutdown_if_owned()
+        shutil.rmtree(storage, ignore_errors=True)
 
     print(f"ray.init: {t_init:.1f}s (not included below)")
     print(f"{'search':<22}{'k*':>5}{'Sf evals':>10}{'wall s':>9}{'s/eval':>9}  same k*/weights as local")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from potion.config import from_dict
+from potion.config import from_dict, to_dict
 from potion.errors import PotionError
 from potion.pipeline.benchmark import (
     SCHEMA,
@@ -19,6 +19,7 @@ from potion.pipeline.benchmark import (
     parse_n,
     parse_share,
     read_meta,
+    train_job_from_dict,
     write_results,
 )
 from potion.pipeline.benchmark_report import mean_std, report, summarize
@@ -40,7 +41,7 @@ TINY = {
     # refuses alpha < 0): the failure must stay in its cell.
     "methods": ["none", "ssd", "xlf_ptn", {"method": "ssd", "name": "ssd_broken", "heal": {"ssd_alpha": -1.0}}],
     "seeds": [0],
-    "heal": {"importance_batch_size": 128, "ptn": {"max_steps": 200}},
+    "heal": {"importance_batch_size": 128},
 }
 
 
@@ -108,6 +109,12 @@ def test_shipped_suites_expand_and_goel_dry_run_lists_cells(tmp_path, monkeypatc
     assert sizes["mnist-cpu"] == 3 * 5 * 5 + 5  # eu at n = 1 % only
     assert sizes["cifar10-cpu"] == 2 * 4 * 5 + 2  # eu at one share per poison
     assert sizes["goel-cifar10"] == sizes["goel-cifar100"] == 3 * 11 * 7
+    # The WRN's args stay its own (no default resnet9 width merged in), also after the trip
+    # through the dict that a Ray task receives.
+    plan = expand(load_suite("goel-cifar100")[0], tmp_path / "g100")
+    job = next(iter(plan.models.values())).job
+    assert job.model.args == {"depth": 28, "widen": 10}
+    assert train_job_from_dict(to_dict(job)).model.args == {"depth": 28, "widen": 10}
 
     suite, path = load_suite("goel-cifar10")
     assert benchmark(suite, tmp_path / "goel", suite_file=path, dry_run=True) == []

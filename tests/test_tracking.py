@@ -171,6 +171,9 @@ def test_tune_callback_replaces_local_children(store):
     uri, _ = store
     with SearchTracker(uri, "exp-cb", run_name="r", params={}) as tr:
         cb = tr.tune_callback()
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        assert isinstance(cb, MLflowLoggerCallback)
         assert cb.tracking_uri == uri and cb.experiment_name == "exp-cb"
         assert cb.tags["mlflow.parentRunId"] == tr.parent_run_id
         assert tr.log_children(_trace()) == 0  # the callback owns the children

@@ -11,6 +11,7 @@ takes one writer).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -91,7 +92,9 @@ class SuiteConfig:
     # A relative data.args.root is looked up under $POTION_DATA, else under this folder
     # (itself relative to the repository root).
     data_root: str = "../shared/data"
-    model: ModelConfig = field(default_factory=ModelConfig)
+    # Optional, not a default instance: a default section would be merged key by key into
+    # the suite's, and the default model's args (width) do not belong to another model.
+    model: ModelConfig | None = None
     recipe: TrainRecipe = field(default_factory=TrainRecipe)
     device: str = "auto"
     eval_batch_size: int = 512
@@ -201,6 +204,14 @@ def parse_share(s: object) -> tuple[str, float | None, int | None]:
     )
 
 
+def deep_merge(base: dict, over: dict) -> dict:
+    """``over`` on top of ``base``, section by section (a method's ptn keys keep the suite's others)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -214,11 +225,21 @@ def resolve_data(suite: SuiteConfig) -> tuple[DataConfig, Path | None]:
     path = Path(os.path.expanduser(str(root)))
     if not path.is_absolute():
         env = os.environ.get(DATA_ENV)
-        base = Path(env) if env else repo_root() / suite.data_root
+        base = Path(env) if env else Path(os.path.normpath(repo_root() / suite.data_root))
         path = base / path
     path = Path(os.path.normpath(path.absolute()))
     args["root"] = str(path)
     return DataConfig(suite.data.dataset, args), path
+
+
+def _with_model(job: TrainJob, model: ModelConfig) -> TrainJob:
+    # from_dict merges a partial section into the field's default, dict values included, so
+    # TrainJob's default model args (resnet9's width) would leak into another model's args.
+    return dataclasses.replace(job, model=ModelConfig(model.name, dict(model.args)))
+
+
+def train_job_from_dict(d: dict) -> TrainJob:
+    return _with_model(from_dict(TrainJob, d), from_dict(ModelConfig, d["model"]))
 
 
 def _method_specs(suite: SuiteConfig) -> list[MethodSpec]:
@@ -238,13 +259,13 @@ def validate_suite(suite: SuiteConfig) -> None:
 
     _check_label(suite.name, "name")
     DATASETS.get(suite.data.dataset)
-    MODELS.get(suite.model.name)
-    params = inspect.signature(MODELS.get(suite.model.name)).parameters.values()
+    model = suite.model or ModelConfig()
+    params = inspect.signature(MODELS.get(model.name)).parameters.values()
     if not any(p.kind is p.VAR_KEYWORD for p in params):  # vit passes extra kwargs on to timm
-        valid = model_kwargs(suite.model.name)
-        for k in suite.model.args:
+        valid = model_kwargs(model.name)
+        for k in model.args:
             if k not in valid:
-                raise PotionError(f"suite model.args: model '{suite.model.name}' has no parameter '{k}'; "
+                raise PotionError(f"suite model.args: model '{model.name}' has no parameter '{k}'; "
                                   f"valid: {', '.join(valid) or '(none)'}")
     for what, values in (("poisons", suite.poisons), ("n", suite.n), ("shares", suite.shares),
                          ("methods", suite.methods), ("seeds", suite.seeds)):
@@ -291,6 +312,7 @@ def expand(suite: SuiteConfig, out: Path, suite_file: Path | None = None) -> Pla
     validate_suite(suite)
     data, data_path = resolve_data(suite)
     specs = _method_specs(suite)
+    model = suite.model or ModelConfig()
     models: dict[str, ModelPlan] = {}
     cells: list[Cell] = []
     cache_dir = str((out / "importance-cache").absolute())
@@ -302,11 +324,12 @@ def expand(suite: SuiteConfig, out: Path, suite_file: Path | None = None) -> Pla
                     "poison": {"trigger": poison.trigger, "params": poison.params, "target": poison.target,
                                "share": n if isinstance(n, float) else None,
                                "count": n if isinstance(n, int) else None, "seed": seed},
-                    "model": to_dict(suite.model),
+                    "model": to_dict(model),
                     "recipe": {**to_dict(suite.recipe), "seed": seed},
                     "device": suite.device,
                     "eval_batch_size": suite.eval_batch_size,
                 })
+                job = _with_model(job, model)
                 # The device does not define the model; everything else does.
                 mkey = _hash({k: v for k, v in to_dict(job).items() if k != "device"})
                 plan = models.setdefault(mkey, ModelPlan(mkey, job, out / "models" / mkey[:16], poison.label, n, seed))
@@ -318,7 +341,7 @@ def expand(suite: SuiteConfig, out: Path, suite_file: Path | None = None) -> Pla
                         if m.shares is not None and label not in {parse_share(x)[0] for x in m.shares}:
                             continue
                         heal = from_dict(HealJob, {
-                            "device": suite.device, "cache_dir": cache_dir, **suite.heal, **m.heal,
+                            "device": suite.device, "cache_dir": cache_dir, **deep_merge(suite.heal, m.heal),
                             "method": m.method, "backend": "local", "tracking_uri": "none", "seed": seed,
                         })
                         cell_id = f"{poison.label}-n{n_label(n)}-{label}-{m.label}-seed{seed}"
@@ -338,7 +361,7 @@ def check_data(plan: Plan, dry_run: bool) -> str | None:
         return None
     how = (f"the suite's data root '{plan.suite.data.args.get('root')}' resolves to {p} "
            f"(relative roots are looked up under ${DATA_ENV}"
-           f"{' = ' + os.environ[DATA_ENV] if os.environ.get(DATA_ENV) else ', unset, else ' + str(repo_root() / plan.suite.data_root)})")
+           f"{' = ' + os.environ[DATA_ENV] if os.environ.get(DATA_ENV) else ', unset, else ' + os.path.normpath(repo_root() / plan.suite.data_root)})")
     if dry_run:
         return f"WARNING: data not found: {how}; a real run would stop here"
     raise PotionError(f"data not found: {how}; put the data there or set {DATA_ENV} to the folder holding it")
@@ -362,7 +385,7 @@ def train_task(job_dict: dict, model_dir: str, cpus: float) -> dict:
     try:
         from potion.pipeline.train import run_train
 
-        metrics = run_train(from_dict(TrainJob, job_dict), model_dir, overwrite=True, progress=False)
+        metrics = run_train(train_job_from_dict(job_dict), model_dir, overwrite=True, progress=False)
         return {"status": "ok", "metrics": metrics}
     except Exception as e:  # noqa: BLE001 — a failing model must not sink the grid
         return {"status": "failed", "error": _describe(e)}
@@ -553,7 +576,7 @@ class Runner:
         self.meta = {"suite": plan.suite.name, "description": plan.suite.description, "notes": plan.suite.notes,
                      "suite_file": str(plan.suite_file) if plan.suite_file else None,
                      "data": to_dict(next(iter(plan.models.values())).job.data) if plan.models else None,
-                     "model": to_dict(plan.suite.model), "recipe": to_dict(plan.suite.recipe),
+                     "model": to_dict(plan.suite.model or ModelConfig()), "recipe": to_dict(plan.suite.recipe),
                      **environment_info(command)}
         self.logger = CellLogger(tracking_uri, f"benchmark-{plan.suite.name}") if tracking_uri else None
         self.t0 = time.perf_counter()
@@ -598,13 +621,20 @@ class Runner:
         except Exception as e:  # noqa: BLE001 — the result is on disk; MLflow catches up on the next run
             print(f"warning: MLflow logging of {cell.cell_id} failed: {_describe(e)}", file=sys.stderr)
             return
-        atomic_write_json(self.cells_dir / f"{cell.cell_id}.json", rec)
+        # On disk a row is never "reused": that flag describes this invocation only.
+        atomic_write_json(self.cells_dir / f"{cell.cell_id}.json", {**rec, "row": {**rec["row"], "reused": False}})
 
     def rows(self) -> list[dict]:
         return [self.records[c.cell_id]["row"] for c in self.plan.cells if c.cell_id in self.records]
 
     def write_table(self) -> Path:
         return write_results(self.plan.out / RESULTS_FILE, self.rows(), self.meta)
+
+    def _previous_meta(self) -> dict:
+        try:
+            return read_meta(pq.read_table(self.plan.out / RESULTS_FILE))
+        except Exception:  # noqa: BLE001 — no table yet, or an unreadable one that we rewrite anyway
+            return {}
 
     # scheduling ----------------------------------------------------------
     def run(self, address: str | None, num_cpus: int | None) -> None:
@@ -614,9 +644,15 @@ class Runner:
             rec = self.records.get(c.cell_id)
             if rec and not rec.get("mlflow_run_id"):
                 self._log_mlflow(c, rec)
-        self.write_table()
+        previous = self._previous_meta()
+        if previous:
+            self.meta["first_date"] = previous.get("first_date") or previous.get("date")
         if not todo:
+            if previous:  # nothing ran: the table still describes the run that computed it
+                self.meta = {**previous, "last_rerun": self.meta["date"], "last_rerun_command": self.meta["command"]}
+            self.write_table()
             return
+        self.write_table()
         import ray
 
         from potion.pipeline.ray_runtime import connect, shutdown_if_owned

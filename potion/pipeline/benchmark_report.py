@@ -106,7 +106,10 @@ def render_summary(rows: list[dict], meta: dict, plots: list[tuple[str, str]]) -
     if meta.get("command"):
         info.append(f"- command: `{meta['command']}`")
     if meta.get("date"):
-        info.append(f"- date: {meta['date']}")
+        first = meta.get("first_date")
+        info.append(f"- date: {meta['date']}" + (f" (first cells computed {first})" if first and first != meta["date"] else ""))
+    if meta.get("last_rerun"):
+        info.append(f"- rerun with every cell reused: {meta['last_rerun']} (`{meta.get('last_rerun_command', '')}`)")
     if "host_cores" in meta:
         gpu = meta.get("gpu") or "no GPU"
         cluster = ""

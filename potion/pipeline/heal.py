@@ -123,7 +123,9 @@ def make_importance_fn(run: RunFolder, job: HealJob, state0: dict, deletion: np.
 
             imp = sharded_importances(
                 functools.partial(_model_of, str(run.path)), functools.partial(_train_view_of, str(run.path)),
-                retain, estimator, p, job.importance_batch_size, job.importance_shards or None, device=device,
+                retain, estimator, p, job.importance_batch_size, job.importance_shards or None,
+                # the job's own device: "auto" lets shards ask for GPUs that a CPU head lacks
+                device=job.device, augment=job.importance_augment,
             )
         else:
             imp = compute_importances(run.model, batches_fn(), estimator, p=p, device=device, progress=progress)
@@ -152,6 +154,16 @@ def run_heal(run_dir: str | Path, job: HealJob, out: str | Path, *, share: float
 
         check_tracking(tracking_uri)
 
+    try:
+        return _heal(run_dir, job, out, share, count, identified, overwrite, progress, tracking_uri)
+    finally:
+        if job.backend == "ray":
+            from potion.pipeline.ray_runtime import shutdown_if_owned
+
+            shutdown_if_owned()
+
+
+def _heal(run_dir, job: HealJob, out: Path, share, count, identified, overwrite, progress, tracking_uri) -> dict:
     t_start = time.perf_counter()
     run = load_run(run_dir)
     device = resolve_device(job.device)
@@ -213,7 +225,7 @@ def run_heal(run_dir: str | Path, job: HealJob, out: str | Path, *, share: float
             trace = result.info.get("trace") or []
             if job.backend != "ray":
                 tracker.log_children(trace)
-            tracker.log_curve(trace)
+            tracker.log_curve(trace, threshold=result.info.get("threshold"), k_star=result.info.get("k_star"))
             report["mlflow"] = {"tracking_uri": tracking_uri, "parent_run_id": tracker.parent_run_id,
                                 "experiment": job.experiment}
         _write_outputs(out, healed, run, deletion, report, overwrite)

@@ -33,7 +33,6 @@ _owned = False  # whether this process started the Ray instance it is connected 
 def _quiet_env() -> None:
     # The new Tune/Train console output ignores verbose=0; the old one honours it.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
 def _token_available() -> bool:

@@ -20,6 +20,7 @@ are bit-identical to the local search's.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import time
@@ -319,7 +320,7 @@ def ray_ptn_search(
     threshold = cfg.rho * acc0
     searcher = PTNSearcher(threshold, cfg.max_steps, window, strategy)
     if payload.config != cfg:
-        payload = _replace_config(payload, cfg)
+        payload = dataclasses.replace(payload, config=cfg)
     storage = os.path.abspath(storage_path or tempfile.mkdtemp(prefix="potion-ray-results-"))
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no per-trial csv/json/tensorboard files
 
@@ -397,12 +398,6 @@ def make_ray_search(
         )
 
     return search
-
-
-def _replace_config(payload: SearchPayload, cfg: PTNConfig) -> SearchPayload:
-    import dataclasses
-
-    return dataclasses.replace(payload, config=cfg)
 
 
 def _short(err: BaseException) -> str:
