@@ -1,0 +1,143 @@
+"""The command line end to end on the embedded digits data (tiny training budgets)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from potion.cli import main
+from potion.models import create_model, save_checkpoint
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "run"
+    rc = main(["train", "--dataset", "digits", "--poison", "badnet", "--poison-share", "0.05", "--seed", "0",
+               "--iterations", "120", "--out", str(out), "--quiet"])
+    assert rc == 0
+    return out
+
+
+def test_train_writes_the_run_folder(run_dir, capsys):
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "metrics.json", "model.pt", "poison.parquet"]
+    m = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("clean_acc", "ra", "asr"):
+        assert 0.0 <= m[key] <= 1.0
+    # Even 120 iterations learn the digits and most of the trigger.
+    assert m["clean_acc"] > 0.8 and m["asr"] > 0.5
+    assert "recipe:" in (run_dir / "config.yaml").read_text()
+
+
+def test_train_refuses_existing_output(run_dir, capsys):
+    before = (run_dir / "model.pt").read_bytes()
+    assert main(["train", "--dataset", "digits", "--iterations", "2", "--out", str(run_dir), "--quiet"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (run_dir / "model.pt").read_bytes() == before
+
+
+def test_evaluate_matches_train_metrics(run_dir, capsys):
+    assert main(["evaluate", "--run", str(run_dir)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    stored = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("clean_acc", "ra", "asr"):
+        assert printed[key] == pytest.approx(stored[key])
+
+
+def test_heal_local_writes_model_and_report(run_dir, tmp_path, capsys):
+    out = tmp_path / "healed"
+    rc = main(["heal", "--run", str(run_dir), "--discovery-share", "0.3", "--method", "xlf_ptn", "--backend", "local",
+               "--out", str(out), "--quiet", "--step", "1.5", "--tracking-uri", "none", "--cache-dir", "none"])
+    assert rc == 0, capsys.readouterr().err
+    rep = json.loads((out / "report.json").read_text())
+    for key in ("k_star", "s", "alpha", "rho", "trace", "timings", "before", "after"):
+        assert key in rep
+    assert rep["trace"][-1]["k"] == rep["k_star"]
+    assert rep["deletion_set"]["size"] == round(0.3 * rep["deletion_set"]["n_poison_total"])
+    assert {"poison_healed", "model_damage"} <= set(rep["after"])
+    # After the importances, the search makes no further pass over the retain set.
+    assert rep["timings"]["importance_retain_s"] > 0 and rep["timings"]["search_s"] >= 0
+    assert main(["evaluate", "--run", str(run_dir), "--checkpoint", str(out / "model.pt")]) == 0
+    assert (out / "model.metrics.json").is_file()
+    m = json.loads((out / "model.metrics.json").read_text())
+    assert m["clean_acc"] == pytest.approx(rep["after"]["clean_acc"])
+
+
+def test_heal_identified_file_and_its_errors(run_dir, tmp_path, capsys):
+    poisoned = pq.read_table(run_dir / "poison.parquet").to_pandas()
+    idx = poisoned.loc[poisoned.poisoned, "index"].to_numpy()[:3]
+    csv = tmp_path / "found.csv"
+    csv.write_text("index\n" + "\n".join(map(str, idx)) + "\n")
+    out = tmp_path / "h"
+    assert main(["heal", "--run", str(run_dir), "--identified", str(csv), "--method", "none", "--out", str(out),
+                 "--quiet", "--tracking-uri", "none"]) == 0
+    assert pq.read_table(out / "deletion_set.parquet").column("index").to_pylist() == sorted(idx.tolist())
+
+    empty = tmp_path / "empty.csv"
+    empty.write_text("index\n")
+    assert main(["heal", "--run", str(run_dir), "--identified", str(empty), "--out", str(tmp_path / "e"),
+                 "--tracking-uri", "none"]) == 2
+    assert "empty" in capsys.readouterr().err
+
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"index": pa.array([1, 10**6], pa.int64())}), bad)
+    assert main(["heal", "--run", str(run_dir), "--identified", str(bad), "--out", str(tmp_path / "b"),
+                 "--tracking-uri", "none"]) == 2
+    assert "outside the training set" in capsys.readouterr().err
+
+
+def test_heal_refuses_run_folder_and_existing_out(run_dir, tmp_path, capsys):
+    assert main(["heal", "--run", str(run_dir), "--discovery-count", "1", "--out", str(run_dir / "healed"),
+                 "--tracking-uri", "none"]) == 2
+    assert "inside" in capsys.readouterr().err
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "model.pt").write_bytes(b"user's own checkpoint")
+    assert main(["heal", "--run", str(run_dir), "--discovery-count", "1", "--out", str(out),
+                 "--tracking-uri", "none"]) == 2
+    assert (out / "model.pt").read_bytes() == b"user's own checkpoint"
+
+
+def test_heal_rejects_a_deletion_set_the_model_already_gets_wrong(run_dir, tmp_path, capsys):
+    # A model that always predicts class 9 never predicts the target 0 on Sf: acc0 = 0.
+    other = tmp_path / "run9"
+    other.mkdir()
+    for name in ("config.yaml", "poison.parquet"):
+        (other / name).write_bytes((run_dir / name).read_bytes())
+    model = create_model("resnet9", num_classes=10, in_channels=1, image_size=16, width=0.25)
+    with torch.no_grad():
+        last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+        last.weight.zero_()
+        last.weight[9].fill_(1.0)
+    save_checkpoint(other / "model.pt", model, "resnet9",
+                    {"num_classes": 10, "in_channels": 1, "image_size": 16, "width": 0.25})
+    rc = main(["heal", "--run", str(other), "--discovery-share", "0.5", "--out", str(tmp_path / "o"),
+               "--tracking-uri", "none", "--cache-dir", "none", "--quiet"])
+    assert rc == 2
+    assert "misclassifies" in capsys.readouterr().err
+
+
+def test_clear_errors(tmp_path, capsys):
+    assert main(["evaluate", "--run", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text("recipe:\n  iterationz: 3\n")
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "x")]) == 2
+    assert "recipe.iterationz" in capsys.readouterr().err
+    assert main(["train", "--dataset", "parquet", "--data-root", str(tmp_path / "missing"),
+                 "--out", str(tmp_path / "y")]) == 2
+    assert str(tmp_path / "missing") in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_class_count_mismatch_is_a_clear_error(run_dir, tmp_path, capsys):
+    ckpt = tmp_path / "three.pt"
+    save_checkpoint(ckpt, create_model("resnet9", num_classes=3, in_channels=1, image_size=16, width=0.25),
+                    "resnet9", {"num_classes": 3, "in_channels": 1, "image_size": 16, "width": 0.25})
+    assert main(["evaluate", "--run", str(run_dir), "--checkpoint", str(ckpt)]) == 2
+    err = capsys.readouterr().err
+    assert "3 output classes" in err and "10" in err
