@@ -72,7 +72,7 @@ def heal_job_from_args(args):
     backend = args.backend or ("ray" if (args.address or os.environ.get("RAY_ADDRESS")) else "local")
     pairs = [("method", args.method), ("backend", backend), ("ptn.rho", args.rho), ("ptn.step", args.step),
              ("ptn.buffer", args.buffer), ("ptn.max_steps", args.max_steps), ("ptn.strategy", args.strategy),
-             ("window", args.window), ("importance_batch_size", args.batch_size), ("val_size", args.val_size),
+             ("ptn.window", args.window), ("importance_batch_size", args.batch_size), ("val_size", args.val_size),
              ("address", args.address), ("num_cpus", args.num_cpus), ("tracking_uri", args.tracking_uri),
              ("experiment", args.experiment), ("cache_dir", args.cache_dir), ("seed", args.seed),
              ("device", args.device)]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,7 @@ class TrainRecipe:
     seed: int = 0
     amp: bool = True  # mixed precision; only ever used on CUDA
     channels_last: bool = True  # measured 1.2–1.6× faster for ResNet-9 on CPU
+    optimizer: Literal["sgd", "adamw"] = "sgd"  # the paper fine-tuned its ViT with AdamW
 
     def __post_init__(self):
         if self.iterations < 1:
@@ -82,9 +83,12 @@ def train_model(
     fmt = torch.channels_last if recipe.channels_last else torch.contiguous_format
     model.to(device=device, memory_format=fmt).train()
 
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
-    )
+    if recipe.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
+        )
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, recipe.iterations, recipe.warmup)
     )

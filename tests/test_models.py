@@ -161,3 +161,18 @@ def test_save_rejects_non_json_extra(tmp_path):
     with pytest.raises(PotionError, match="JSON"):
         save_checkpoint(tmp_path / "m.pt", _trained_ish(), "resnet9", KW, extra={"t": torch.zeros(1)})
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_init_weights_skip_a_head_of_another_class_count(tmp_path):
+    import torch
+
+    from potion.models import create_model, load_init_weights
+
+    src = create_model("resnet9", num_classes=5, in_channels=1, image_size=16, width=0.25)
+    torch.save(src.state_dict(), tmp_path / "w.bin")
+    dst = create_model("resnet9", num_classes=10, in_channels=1, image_size=16, width=0.25)
+    skipped = load_init_weights(dst, tmp_path / "w.bin")
+    assert len(skipped) == 1 and skipped[0].endswith("weight")  # only the classifier differs
+    for (n, a), (_, b) in zip(src.state_dict().items(), dst.state_dict().items()):
+        if n not in skipped:
+            assert torch.equal(a, b)

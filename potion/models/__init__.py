@@ -46,13 +46,20 @@ def _check_kwargs(name: str, factory, kwargs: dict) -> None:
 
 # Registration happens on import; these must come after MODELS exists.
 from potion.models import resnet9, small_cnn, vit, wrn  # noqa: E402,F401
-from potion.models.checkpoint import Checkpoint, load_checkpoint, model_from_state, save_checkpoint  # noqa: E402
+from potion.models.checkpoint import (  # noqa: E402
+    Checkpoint,
+    load_checkpoint,
+    load_init_weights,
+    model_from_state,
+    save_checkpoint,
+)
 
 __all__ = [
     "MODELS",
     "Checkpoint",
     "create_model",
     "load_checkpoint",
+    "load_init_weights",
     "model_from_state",
     "model_kwargs",
     "save_checkpoint",

@@ -147,3 +147,33 @@ def _check_json(what: str, obj) -> None:
         json.dumps(obj, allow_nan=True)
     except (TypeError, ValueError) as e:
         raise PotionError(f"checkpoint {what} must be JSON-able (str, numbers, lists, dicts): {e}") from None
+
+
+def load_init_weights(model: nn.Module, path: str | os.PathLike) -> list[str]:
+    """Start training from local weights: a Potion checkpoint, a safetensors file or a
+    plain state_dict file (e.g. timm's ``pytorch_model.bin`` fetched beforehand).
+
+    Entries whose shape differs from the model (typically the classifier head of another
+    class count) are skipped and returned, so fine-tuning on a new label set works.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PotionError(f"initial weights {path} do not exist; give a local .pt/.bin/.safetensors file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise PotionError(f"cannot read initial weights {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    if not usable:
+        raise PotionError(f"no tensor of {path} fits the model: it was saved for another architecture")
+    skipped = sorted(set(own) - set(usable))
+    model.load_state_dict(usable, strict=False)
+    return skipped

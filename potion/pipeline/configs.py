@@ -32,6 +32,7 @@ class PoisonConfig:
 class ModelConfig:
     name: str = "resnet9"
     args: dict[str, Any] = field(default_factory=lambda: {"width": 0.25})
+    init: str | None = None  # local weights to fine-tune from (e.g. a ViT's pre-trained file)
 
 
 @dataclass
@@ -64,7 +65,6 @@ class HealJob:
     # Ray backend
     address: str | None = None
     num_cpus: int | None = None
-    window: int = 4
     gpus_per_trial: float = 0.25
     importance_shards: int = 0
     # MLflow

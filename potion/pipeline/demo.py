@@ -28,7 +28,7 @@ def run_demo(out: str | Path = "runs/demo", *, overwrite: bool = False, smoke: b
     print(f"      clean_acc={metrics['clean_acc']:.4f}  asr={metrics['asr']:.4f}  ({metrics['train_seconds']:.0f} s)")
 
     db = out / "mlflow.db"
-    heal_job = HealJob(method="xlf_ptn", backend=backend, val_size=200, num_cpus=2,
+    heal_job = HealJob(method="xlf_ptn", backend=backend, val_size=200, num_cpus=2, importance_batch_size=16,
                        tracking_uri=f"sqlite:///{db}", experiment="potion-demo", cache_dir="none")
     print(f"[2/2] healing with XLF + PTN on the {backend} backend (deletion set: 30 % of the poison)")
     report = run_heal(out / "train", heal_job, out / "heal", share=0.3, overwrite=overwrite, progress=progress)

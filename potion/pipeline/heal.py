@@ -211,7 +211,7 @@ def _heal(run_dir, job: HealJob, out: Path, share, count, identified, overwrite,
 
             callbacks = [tracker.tune_callback()] if tracker else []
             ctx.search = make_ray_search(
-                model_name=run.checkpoint.name, model_kwargs=run.checkpoint.kwargs, window=job.window,
+                model_name=run.checkpoint.name, model_kwargs=run.checkpoint.kwargs,
                 gpus_per_trial=job.gpus_per_trial, storage_path=str(out.resolve() / "ray_results"),
                 callbacks=callbacks,
             )

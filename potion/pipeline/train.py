@@ -20,7 +20,7 @@ from potion.datasets import (
 from potion.errors import PotionError
 from potion.io import atomic_write_json, atomic_write_text, staged_output_dir
 from potion.metrics import attack_metrics
-from potion.models import create_model, save_checkpoint
+from potion.models import create_model, load_init_weights, save_checkpoint
 from potion.pipeline.configs import TrainJob
 from potion.pipeline.runs import CONFIG_FILE, MANIFEST_FILE, METRICS_FILE, MODEL_FILE, resolve_device
 from potion.training import train_model
@@ -45,6 +45,11 @@ def run_train(job: TrainJob, out: str | Path, overwrite: bool = False, progress:
     kwargs = model_kwargs(job, splits)
     torch.manual_seed(job.recipe.seed)  # the initial weights are part of the run's seed
     model = create_model(job.model.name, **kwargs)
+    if job.model.init:
+        skipped = load_init_weights(model, job.model.init)
+        if skipped and progress:
+            print(f"initial weights {job.model.init}: kept the fresh {', '.join(skipped[:4])}"
+                  f"{' …' if len(skipped) > 4 else ''} (shapes differ)")
     with staged_output_dir(out, overwrite) as stage:
         t0 = time.perf_counter()
         model = train_model(model, train_view(splits, manifest, trigger), job.recipe, device=device, progress=progress)
