@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -193,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # MLflow announces routine database set-up at INFO; the user asked for none of it.
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
     try:
         return args.fn(args)
     except PotionError as e:

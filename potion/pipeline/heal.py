@@ -173,6 +173,7 @@ def _heal(run_dir, job: HealJob, out: Path, share, count, identified, overwrite,
     view = run.train_view()
     forget_view, retain_view = view.subset(deletion), view.subset(retain)
     bs = job.importance_batch_size
+    eval_bs = max(bs, 512)  # accuracy does not depend on the batch size; speed does
     forget_batches = list(forget_view.batches(bs, augment=job.importance_augment, device=device))
 
     clean, triggered = run.test_views(seed=run.job.poison.seed)
@@ -180,10 +181,10 @@ def _heal(run_dir, job: HealJob, out: Path, share, count, identified, overwrite,
     if job.val_size:
         rng = np.random.default_rng(job.seed)
         pos = np.sort(rng.choice(len(clean), size=min(job.val_size, len(clean)), replace=False))
-        val_batches = list(clean.subset(pos).batches(bs, device=device))
+        val_batches = list(clean.subset(pos).batches(eval_bs, device=device))
 
     target = run.manifest.target
-    before = attack_metrics(run.model, clean, triggered, target, batch_size=bs, device=device)
+    before = attack_metrics(run.model, clean, triggered, target, batch_size=eval_bs, device=device)
 
     state0 = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
     ctx = HealContext(
@@ -191,6 +192,7 @@ def _heal(run_dir, job: HealJob, out: Path, share, count, identified, overwrite,
         state0=state0,
         retain_batches=lambda: retain_view.batches(bs, augment=job.importance_augment, device=device),
         forget_batches=forget_batches,
+        retain_total=-(-len(retain) // bs),
         n_forget=len(deletion),
         n_total=n_total,
         ptn=job.ptn,
@@ -199,7 +201,7 @@ def _heal(run_dir, job: HealJob, out: Path, share, count, identified, overwrite,
         importances=make_importance_fn(run, job, state0, deletion, retain, device, progress),
         val_batches=val_batches,
         retrain=functools.partial(_retrain, run, view.subset(retain), device, progress),
-        grid_score=_grid_scorer(run, clean, triggered, job.seed, bs, device),
+        grid_score=_grid_scorer(run, clean, triggered, job.seed, eval_bs, device) if job.method == "ssd_grid" else None,
         ssd_alpha=job.ssd_alpha,
         ssd_lambda=job.ssd_lambda,
     )
@@ -219,7 +221,7 @@ def _heal(run_dir, job: HealJob, out: Path, share, count, identified, overwrite,
         healed = create_model(run.checkpoint.name, **run.checkpoint.kwargs)
         healed.load_state_dict(result.state_dict)
         healed.eval()
-        after = attack_metrics(healed, clean, triggered, target, batch_size=bs, device=device)
+        after = attack_metrics(healed, clean, triggered, target, batch_size=eval_bs, device=device)
         report = _report(job, run, deletion, source, before, after, result, time.perf_counter() - t_start)
         if tracker:
             trace = result.info.get("trace") or []
