@@ -10,14 +10,6 @@ from potion.errors import PotionError
 from potion.unlearning.cache import ImportanceCache, hash_arrays
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: thread start-up costs more than it saves on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def model() -> nn.Module:
     torch.manual_seed(0)

@@ -17,14 +17,6 @@ from potion.unlearning.dampening import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: thread start-up costs more than it saves on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def example():
     # Elements: I_f=0<I_r | 0/0 | I_r=0<I_f | I_f = α·I_r (boundary) | clearly selected | not selected

@@ -19,14 +19,6 @@ from potion.unlearning.methods import (
 from potion.unlearning.ptn import PTNConfig, ptn_search
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: thread start-up costs more than it saves on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def toy():

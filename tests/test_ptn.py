@@ -22,14 +22,6 @@ from potion.unlearning.ptn import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: thread start-up costs more than it saves on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 class ScriptedEvaluator:
     """a_k read from a list: lets the strategies be checked against brute force."""

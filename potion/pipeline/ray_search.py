@@ -34,7 +34,15 @@ import torch
 from ray.tune.search import Searcher
 
 from potion.errors import PotionError
-from potion.unlearning.ptn import PTNConfig, PTNNoCrossing, PTNResult, StepEvaluator, StepResult, smallest_crossing
+from potion.unlearning.ptn import (
+    PTNConfig,
+    PTNNoCrossing,
+    PTNResult,
+    StepEvaluator,
+    StepResult,
+    crossing_threshold,
+    smallest_crossing,
+)
 
 METRICS = ("k", "s", "alpha", "lam", "n_selected", "acc_forget", "acc_val")
 
@@ -311,13 +319,8 @@ def ray_ptn_search(
     strategy = strategy or cfg.strategy
     window = int(window or cfg.window)
     evaluator = evaluator or build_evaluator(payload, "cpu")
+    threshold = crossing_threshold(evaluator, cfg)
     acc0 = float(evaluator.acc0)
-    if acc0 == 0:
-        raise PotionError(
-            "the model already misclassifies the whole deletion set: nothing to heal "
-            "(accuracy of θ0 on the deletion set against its poisoned labels is 0)"
-        )
-    threshold = cfg.rho * acc0
     searcher = PTNSearcher(threshold, cfg.max_steps, window, strategy)
     if payload.config != cfg:
         payload = dataclasses.replace(payload, config=cfg)

@@ -96,6 +96,17 @@ class PTNNoCrossing(PotionError):
         self.trace = trace
 
 
+def crossing_threshold(evaluator, cfg: PTNConfig) -> float:
+    """ρ · acc0, refusing a deletion set that θ0 already gets wrong everywhere."""
+    acc0 = float(evaluator.acc0)
+    if acc0 == 0:
+        raise PotionError(
+            "the model already misclassifies the whole deletion set: nothing to heal "
+            "(accuracy of θ0 on the deletion set against its poisoned labels is 0)"
+        )
+    return cfg.rho * acc0
+
+
 def smallest_crossing(results: Iterable[StepResult], threshold: float) -> StepResult | None:
     """The result with the smallest k whose a_k ≤ threshold, or None."""
     crossing = [r for r in results if r.acc_forget <= threshold]
@@ -296,13 +307,8 @@ def ptn_search(evaluator: Any, config: PTNConfig | None = None) -> PTNResult:
     evaluator's. After a successful search the evaluator's model holds θ_{k*}.
     """
     cfg = config or getattr(evaluator, "config", None) or PTNConfig()
+    threshold = crossing_threshold(evaluator, cfg)
     acc0 = float(evaluator.acc0)
-    if acc0 == 0:
-        raise PotionError(
-            "the model already misclassifies the whole deletion set: nothing to heal "
-            "(accuracy of θ0 on the deletion set against its poisoned labels is 0)"
-        )
-    threshold = cfg.rho * acc0
     memo = _Memo(evaluator)
     hit = _STRATEGY_FNS[cfg.strategy](memo, cfg, threshold)
     trace = [memo.results[k] for k in sorted(memo.results)]
