@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--run", help="a trained run folder (default: train one into WORK/model)")
     ap.add_argument("--work", default="runs/heal-mnist")
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--shares", default=",".join(n for n, _ in SHARES), help="subset of 10%%,50%%,100%%,one")
     ap.add_argument("--smoke", action="store_true", help="3 000 training images, a few iterations")
     args = ap.parse_args()
     work = Path(args.work)
@@ -48,7 +49,8 @@ def main() -> None:
         print(f"trained {run} in {time.perf_counter() - t0:.0f} s")
 
     rows = []
-    for share_name, share in SHARES:
+    wanted = args.shares.split(",")
+    for share_name, share in [(n, s) for n, s in SHARES if n in wanted]:
         for method in methods:
             out = work / f"{method}-{share_name.rstrip('%')}"
             job = HealJob(method=method, tracking_uri="none", cache_dir=str(work / "importance-cache"))
@@ -74,7 +76,7 @@ def main() -> None:
     print(format_table(rows, cols))
     (work / "results.json").write_text(json.dumps(rows, indent=2))
 
-    def mean_of(method, key, shares=("10%", "50%", "100%")):
+    def mean_of(method, key, shares=tuple(n for n in ("10%", "50%", "100%") if n in wanted)):
         vals = [r[key] for r in rows if r["method"] == method and r["share"] in shares and key in r]
         return statistics.mean(vals) if len(vals) == len(shares) else math.nan
 

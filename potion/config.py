@@ -37,7 +37,8 @@ def from_dict(cls: type[C], data: dict | None, where: str = "") -> C:
         default = _default_of(fields[name])
         if dataclasses.is_dataclass(default) and isinstance(value, dict):
             # A partial section overrides the field's own default, not the section class's.
-            value = _merge(to_dict(default), value)
+            # Shallow: a value that is itself a mapping (model.args) replaces the default's.
+            value = {**to_dict(default), **value}
         kwargs[name] = _coerce(hints[name], value, _join(where, name))
     try:
         return cls(**kwargs)
@@ -51,13 +52,6 @@ def _default_of(f: dataclasses.Field) -> Any:
     if f.default_factory is not dataclasses.MISSING:
         return f.default_factory()
     return None
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def to_dict(cfg: Any) -> Any:

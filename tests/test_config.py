@@ -66,3 +66,13 @@ class WithCustomDefault:
 def test_partial_section_keeps_the_fields_own_defaults():
     cfg = from_dict(WithCustomDefault, {"inner": {"steps": 7}})
     assert cfg.inner == Inner(lr=0.5, steps=7)
+
+
+@dataclass
+class WithMapping:
+    inner: Outer = field(default_factory=lambda: Outer(args={"width": 0.25}))
+
+
+def test_a_mapping_value_replaces_the_default_mapping():
+    cfg = from_dict(WithMapping, {"inner": {"name": "wrn", "args": {"depth": 10}}})
+    assert cfg.inner.args == {"depth": 10} and cfg.inner.name == "wrn"

@@ -232,14 +232,8 @@ def resolve_data(suite: SuiteConfig) -> tuple[DataConfig, Path | None]:
     return DataConfig(suite.data.dataset, args), path
 
 
-def _with_model(job: TrainJob, model: ModelConfig) -> TrainJob:
-    # from_dict merges a partial section into the field's default, dict values included, so
-    # TrainJob's default model args (resnet9's width) would leak into another model's args.
-    return dataclasses.replace(job, model=ModelConfig(model.name, dict(model.args)))
-
-
 def train_job_from_dict(d: dict) -> TrainJob:
-    return _with_model(from_dict(TrainJob, d), from_dict(ModelConfig, d["model"]))
+    return from_dict(TrainJob, d)
 
 
 def _method_specs(suite: SuiteConfig) -> list[MethodSpec]:
@@ -329,7 +323,6 @@ def expand(suite: SuiteConfig, out: Path, suite_file: Path | None = None) -> Pla
                     "device": suite.device,
                     "eval_batch_size": suite.eval_batch_size,
                 })
-                job = _with_model(job, model)
                 # The device does not define the model; everything else does.
                 mkey = _hash({k: v for k, v in to_dict(job).items() if k != "device"})
                 plan = models.setdefault(mkey, ModelPlan(mkey, job, out / "models" / mkey[:16], poison.label, n, seed))
@@ -343,6 +336,7 @@ def expand(suite: SuiteConfig, out: Path, suite_file: Path | None = None) -> Pla
                         heal = from_dict(HealJob, {
                             "device": suite.device, "cache_dir": cache_dir, **deep_merge(suite.heal, m.heal),
                             "method": m.method, "backend": "local", "tracking_uri": "none", "seed": seed,
+                            "on_no_crossing": "keep",  # scored as θ0, flagged in the row's note
                         })
                         cell_id = f"{poison.label}-n{n_label(n)}-{label}-{m.label}-seed{seed}"
                         heal_dict = {k: v for k, v in to_dict(heal).items() if k not in ("device", "cache_dir")}
@@ -419,7 +413,7 @@ SCHEMA = pa.schema([
     ("poison_healed_before", pa.float64()), ("poison_healed", pa.float64()), ("model_damage", pa.float64()),
     ("k_star", pa.int64()), ("alpha", pa.float64()),
     ("importance_s", pa.float64()), ("search_s", pa.float64()), ("total_s", pa.float64()), ("wall_s", pa.float64()),
-    ("reused", pa.bool_()), ("model_dir", pa.string()),
+    ("reused", pa.bool_()), ("model_dir", pa.string()), ("note", pa.string()),
 ])
 METRIC_NAMES = [f.name for f in SCHEMA if pa.types.is_floating(f.type) or f.name in ("k_star", "n_forget", "n_poison")]
 
@@ -467,6 +461,8 @@ def cell_row(cell: Cell, suite: str, outcome: dict, n_poison: int | None) -> dic
         )
         if cell.count is not None and row["n_poison"]:
             row["share"] = cell.count / row["n_poison"]
+        if rep.get("info", {}).get("no_crossing"):
+            row["note"] = "no PTN crossing within max_steps: θ0 kept"
     return row
 
 

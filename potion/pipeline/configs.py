@@ -52,6 +52,9 @@ class HealJob:
     """Everything ``potion heal`` needs besides the run folder and the deletion set."""
 
     method: str = "xlf_ptn"
+    # SPEC §8: a search without a crossing is a reported failure. "keep" reports it in the
+    # result and keeps θ0 instead (benchmarks score such a cell as the unchanged model).
+    on_no_crossing: Literal["error", "keep"] = "error"
     backend: Literal["local", "ray"] = "local"
     ptn: PTNConfig = field(default_factory=PTNConfig)
     importance_batch_size: int = 512

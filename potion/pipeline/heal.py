@@ -26,7 +26,8 @@ from potion.pipeline.configs import HealJob
 from potion.pipeline.runs import MODEL_FILE, RunFolder, load_run, resolve_device
 from potion.training import train_model
 from potion.unlearning.cache import ImportanceCache, hash_arrays
-from potion.unlearning.methods import METHODS, HealContext, heal
+from potion.unlearning.methods import METHODS, HealContext, HealResult, heal
+from potion.unlearning.ptn import PTNNoCrossing
 
 REPORT_FILE = "report.json"
 DELETION_FILE = "deletion_set.parquet"
@@ -217,7 +218,13 @@ def _heal(run_dir, job: HealJob, out: Path, share, count, identified, overwrite,
                 gpus_per_trial=job.gpus_per_trial, storage_path=str(out.resolve() / "ray_results"),
                 callbacks=callbacks,
             )
-        result = heal(job.method, ctx)
+        try:
+            result = heal(job.method, ctx)
+        except PTNNoCrossing as e:
+            if job.on_no_crossing != "keep":
+                raise
+            result = HealResult(job.method, state0, {"no_crossing": True, "message": str(e),
+                                                     "trace": [t.to_dict() if hasattr(t, "to_dict") else t for t in e.trace]}, {})
         healed = create_model(run.checkpoint.name, **run.checkpoint.kwargs)
         healed.load_state_dict(result.state_dict)
         healed.eval()
