@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--shares", default=",".join(n for n, _ in SHARES), help="subset of 10%%,50%%,100%%,one")
     ap.add_argument("--smoke", action="store_true", help="3 000 training images, a few iterations")
+    ap.add_argument("--fresh", action="store_true", help="heal every cell again instead of reusing WORK/*/report.json")
     args = ap.parse_args()
     work = Path(args.work)
     methods = args.methods.split(",")
@@ -55,7 +56,10 @@ def main() -> None:
             out = work / f"{method}-{share_name.rstrip('%')}"
             job = HealJob(method=method, tracking_uri="none", cache_dir=str(work / "importance-cache"))
             try:
-                rep = run_heal(run, job, out, overwrite=True, progress=False, **share)
+                if (out / "report.json").is_file() and not args.fresh:  # a finished cell of an earlier run
+                    rep = json.loads((out / "report.json").read_text())
+                else:
+                    rep = run_heal(run, job, out, overwrite=True, progress=False, **share)
             except Exception as e:  # one failed cell is a row, not the end of the benchmark
                 rows.append({"share": share_name, "method": method, "error": str(e)[:80]})
                 print(f"{share_name:>5} {method:>8}: FAILED {e}")

@@ -238,3 +238,20 @@ def test_grid_runs_isolates_failures_resumes_and_reports(tmp_path):
     assert "## Failed cells (2)" in summary and "| xlf_ptn |" in summary
     assert (out / "plots" / "badnet-n0.05.png").is_file()
     json.loads((out / "cells" / "badnet-n0.05-0.5-xlf_ptn-seed0.json").read_text())
+
+
+@pytest.mark.slow
+def test_digits_smoke_suite_has_a_row_for_every_cell(tmp_path, capsys):
+    """The shipped CI suite through the command line: every cell lands in the table."""
+    from potion.cli import main
+
+    out = tmp_path / "smoke"
+    rc = main(["benchmark", "--suite", "digits-smoke", "--out", str(out), "--num-cpus", "2", "--quiet"])
+    table = pq.read_table(out / "results.parquet").to_pylist()
+    assert len(table) == 2 * 7
+    assert {(r["share_label"], r["method"]) for r in table} == {
+        (s, m) for s in ("one", "0.5") for m in ("none", "ssd", "ssd_grid", "ssd_ptn", "lf_ptn", "xlf_ptn", "eu")}
+    assert all(r["status"] == "ok" for r in table), [r["error"] for r in table if r["status"] != "ok"]
+    assert rc == 0
+    assert main(["report", str(out / "results.parquet")]) == 0
+    assert (out / "summary.md").is_file()

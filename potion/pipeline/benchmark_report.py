@@ -190,6 +190,13 @@ def render_summary(rows: list[dict], meta: dict, plots: list[tuple[str, str]]) -
     parts += [_md_table(["cell", "error"], [[r["cell_id"], (r["error"] or "").replace("|", "\\|")] for r in failed])
               if failed else "None.", ""]
 
+    kept = [r for r in rows if r["status"] == "ok" and r.get("note")]
+    if kept:
+        parts += [f"## Cells scored as the unchanged model ({len(kept)})", "",
+                  "PTN found no crossing within max_steps (SPEC §8 reports this as a failure); the cell keeps θ0, "
+                  "as the paper scores such cases.", "",
+                  _md_table(["cell", "note"], [[r["cell_id"], r["note"]] for r in kept]), ""]
+
     if plots:
         parts += ["## Plots", ""] + [f"![{title}]({path})" for title, path in plots] + [""]
     parts += ["## For reference: the paper's Table 1 (CIFAR10 ResNet-9 + CIFAR100 WRN-28x10, Goel grid)", "",
