@@ -36,11 +36,11 @@ from ray.tune.search import Searcher
 from potion.errors import PotionError
 from potion.unlearning.ptn import (
     PTNConfig,
-    PTNNoCrossing,
     PTNResult,
     StepEvaluator,
     StepResult,
     crossing_threshold,
+    no_crossing,
     smallest_crossing,
 )
 
@@ -353,13 +353,7 @@ def ray_ptn_search(
     if hit is None:
         if not trace:
             raise PotionError("the Ray PTN search ran no trials; check the cluster's resources (CPU/GPU per trial)")
-        last = trace[-1]
-        raise PTNNoCrossing(
-            f"PTN found no step k <= {cfg.max_steps} with accuracy on the deletion set <= "
-            f"{threshold:.4f} (rho={cfg.rho} x acc0={acc0:.4f}); last a_k={last.acc_forget:.4f} at "
-            f"k={last.k} (s={last.s:.4g}). Raise ptn.max_steps or ptn.step, or lower ptn.buffer",
-            trace,
-        )
+        raise no_crossing(trace, cfg, threshold, acc0)
     if strategy != "bisect":
         missing = [k for k in range(hit.k) if k not in results]
         if missing:  # the searcher never lets this happen; guard against silent wrong answers

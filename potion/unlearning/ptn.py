@@ -96,6 +96,17 @@ class PTNNoCrossing(PotionError):
         self.trace = trace
 
 
+def no_crossing(trace: list[StepResult], cfg: PTNConfig, threshold: float, acc0: float) -> PTNNoCrossing:
+    """The reported failure of a search whose trace never reached the threshold."""
+    last = trace[-1]
+    return PTNNoCrossing(
+        f"PTN found no step k <= {cfg.max_steps} with accuracy on the deletion set <= "
+        f"{threshold:.4f} (rho={cfg.rho} x acc0={acc0:.4f}); last a_k={last.acc_forget:.4f} at "
+        f"k={last.k} (s={last.s:.4g}). Raise ptn.max_steps or ptn.step, or lower ptn.buffer",
+        trace,
+    )
+
+
 def crossing_threshold(evaluator, cfg: PTNConfig) -> float:
     """ρ · acc0, refusing a deletion set that θ0 already gets wrong everywhere."""
     acc0 = float(evaluator.acc0)
@@ -313,13 +324,7 @@ def ptn_search(evaluator: Any, config: PTNConfig | None = None) -> PTNResult:
     hit = _STRATEGY_FNS[cfg.strategy](memo, cfg, threshold)
     trace = [memo.results[k] for k in sorted(memo.results)]
     if hit is None:
-        last = trace[-1]
-        raise PTNNoCrossing(
-            f"PTN found no step k <= {cfg.max_steps} with accuracy on the deletion set <= "
-            f"{threshold:.4f} (rho={cfg.rho} x acc0={acc0:.4f}); last a_k={last.acc_forget:.4f} at "
-            f"k={last.k} (s={last.s:.4g}). Raise ptn.max_steps or ptn.step, or lower ptn.buffer",
-            trace,
-        )
+        raise no_crossing(trace, cfg, threshold, acc0)
     state = evaluator.healed_state(hit.k)
     model = getattr(evaluator, "model", None)
     if isinstance(model, nn.Module):
