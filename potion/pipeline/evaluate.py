@@ -1,6 +1,7 @@
 """``potion evaluate``: SPEC §4 metrics of a checkpoint against a run's data and manifest."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from potion.io import atomic_write_json
@@ -19,8 +20,6 @@ def run_evaluate(run: str | Path, checkpoint: str | Path | None = None, device: 
         target = Path(run) / METRICS_FILE if checkpoint is None else Path(checkpoint).with_suffix(".metrics.json")
         previous = {}
         if target.is_file():
-            import json
-
             try:
                 previous = json.loads(target.read_text())
             except ValueError:

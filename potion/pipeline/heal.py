@@ -21,7 +21,7 @@ from potion.datasets import draw_deletion_set
 from potion.errors import PotionError
 from potion.io import atomic_write, atomic_write_json, check_output_dir, refuse_inside
 from potion.metrics import accuracy, attack_metrics, model_damage, poison_healed
-from potion.models import create_model, save_checkpoint
+from potion.models import create_model, load_checkpoint, save_checkpoint
 from potion.pipeline.configs import HealJob
 from potion.pipeline.runs import MODEL_FILE, RunFolder, load_run, resolve_device
 from potion.training import train_model
@@ -95,7 +95,7 @@ def _train_view_of(run_dir: str):
 
 
 def _model_of(run_dir: str):
-    return load_run(run_dir).model
+    return load_checkpoint(Path(run_dir) / MODEL_FILE)[0]
 
 
 def make_importance_fn(run: RunFolder, job: HealJob, state0: dict, deletion: np.ndarray, retain: np.ndarray,
