@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -195,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # MLflow announces routine database set-up at INFO; the user asked for none of it.
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    # It reads this variable when it configures its loggers on import.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     try:
         return args.fn(args)
     except PotionError as e:
