@@ -19,10 +19,10 @@ from potion.pipeline.benchmark import (
     parse_n,
     parse_share,
     read_meta,
-    train_job_from_dict,
     write_results,
 )
 from potion.pipeline.benchmark_report import mean_std, report, summarize
+from potion.pipeline.configs import TrainJob
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -114,7 +114,7 @@ def test_shipped_suites_expand_and_goel_dry_run_lists_cells(tmp_path, monkeypatc
     plan = expand(load_suite("goel-cifar100")[0], tmp_path / "g100")
     job = next(iter(plan.models.values())).job
     assert job.model.args == {"depth": 28, "widen": 10}
-    assert train_job_from_dict(to_dict(job)).model.args == {"depth": 28, "widen": 10}
+    assert from_dict(TrainJob, to_dict(job)).model.args == {"depth": 28, "widen": 10}
 
     suite, path = load_suite("goel-cifar10")
     assert benchmark(suite, tmp_path / "goel", suite_file=path, dry_run=True) == []

@@ -11,7 +11,6 @@ takes one writer).
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import inspect
 import json
@@ -232,10 +231,6 @@ def resolve_data(suite: SuiteConfig) -> tuple[DataConfig, Path | None]:
     return DataConfig(suite.data.dataset, args), path
 
 
-def train_job_from_dict(d: dict) -> TrainJob:
-    return from_dict(TrainJob, d)
-
-
 def _method_specs(suite: SuiteConfig) -> list[MethodSpec]:
     return [m if isinstance(m, MethodSpec) else MethodSpec(method=m) for m in suite.methods]
 
@@ -379,7 +374,7 @@ def train_task(job_dict: dict, model_dir: str, cpus: float) -> dict:
     try:
         from potion.pipeline.train import run_train
 
-        metrics = run_train(train_job_from_dict(job_dict), model_dir, overwrite=True, progress=False)
+        metrics = run_train(from_dict(TrainJob, job_dict), model_dir, overwrite=True, progress=False)
         return {"status": "ok", "metrics": metrics}
     except Exception as e:  # noqa: BLE001 — a failing model must not sink the grid
         return {"status": "failed", "error": _describe(e)}

@@ -224,7 +224,7 @@ def _heal(run_dir, job: HealJob, out: Path, share, count, identified, overwrite,
             if job.on_no_crossing != "keep":
                 raise
             result = HealResult(job.method, state0, {"no_crossing": True, "message": str(e),
-                                                     "trace": [t.to_dict() if hasattr(t, "to_dict") else t for t in e.trace]}, {})
+                                                     "trace": [t.to_dict() for t in e.trace]}, {})
         healed = create_model(run.checkpoint.name, **run.checkpoint.kwargs)
         healed.load_state_dict(result.state_dict)
         healed.eval()
