@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -255,3 +257,9 @@ def test_digits_smoke_suite_has_a_row_for_every_cell(tmp_path, capsys):
     assert rc == 0
     assert main(["report", str(out / "results.parquet")]) == 0
     assert (out / "summary.md").is_file()
+    # benchmarks/check_cell.py redoes a cell with the core functions alone and must agree.
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "check_cell.py"
+    done = subprocess.run([sys.executable, str(script), str(out), "badnet-n0.05-0.5-xlf_ptn-seed0"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip().endswith("agree"), done.stdout + done.stderr
+    assert "deletion set identical" in done.stdout

@@ -119,6 +119,15 @@ def test_heal_rejects_a_deletion_set_the_model_already_gets_wrong(run_dir, tmp_p
                "--tracking-uri", "none", "--cache-dir", "none", "--quiet"])
     assert rc == 2
     assert "misclassifies" in capsys.readouterr().err
+    # on_no_crossing=keep (what benchmarks use) keeps θ0 and says why instead.
+    rc = main(["heal", "--run", str(other), "--discovery-share", "0.5", "--out", str(tmp_path / "k"),
+               "--tracking-uri", "none", "--cache-dir", "none", "--quiet", "--set", "on_no_crossing=keep"])
+    assert rc == 0
+    rep = json.loads((tmp_path / "k" / "report.json").read_text())
+    assert rep["info"]["nothing_to_heal"] and "misclassifies" in rep["info"]["message"]
+    assert rep["after"]["model_damage"] == 0 and rep["k_star"] is None
+    healed = torch.load(tmp_path / "k" / "model.pt", weights_only=True)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in healed["state_dict"].items())
 
 
 def test_clear_errors(tmp_path, capsys):

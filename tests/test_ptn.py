@@ -12,6 +12,7 @@ from potion.errors import PotionError
 from potion.unlearning.dampening import alpha_from_share, dampen, importance_ratios
 from potion.unlearning.importances import compute_importances
 from potion.unlearning.ptn import (
+    NothingToHeal,
     PTNConfig,
     PTNNoCrossing,
     StepEvaluator,
@@ -116,8 +117,9 @@ def test_no_crossing_reports_trace_and_last_value():
 
 
 def test_acc0_zero_is_an_error():
-    with pytest.raises(PotionError, match="already misclassifies the whole deletion set"):
+    with pytest.raises(NothingToHeal, match="already misclassifies the whole deletion set") as e:
         run([0.0, 0.0], "linear", acc0=0.0)
+    assert isinstance(e.value, PotionError)
 
 
 def test_smallest_crossing():

@@ -456,8 +456,11 @@ def cell_row(cell: Cell, suite: str, outcome: dict, n_poison: int | None) -> dic
         )
         if cell.count is not None and row["n_poison"]:
             row["share"] = cell.count / row["n_poison"]
-        if rep.get("info", {}).get("no_crossing"):
+        info = rep.get("info", {})
+        if info.get("no_crossing"):
             row["note"] = "no PTN crossing within max_steps: θ0 kept"
+        elif info.get("nothing_to_heal"):
+            row["note"] = "θ0 already misclassifies the whole deletion set (acc0 = 0), nothing to heal: θ0 kept"
     return row
 
 

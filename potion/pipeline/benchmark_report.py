@@ -183,6 +183,8 @@ def render_summary(rows: list[dict], meta: dict, plots: list[tuple[str, str]]) -
         timing.append([m, *(f"{mean_std([r[k] for r in sel])[0]:.1f}" for k in ("importance_s", "search_s", "total_s", "wall_s"))])
     if timing:
         parts += ["## Seconds per cell (mean)", "",
+                  "Cells that need the same importances (ssd and ssd_ptn both use fisher) share one pass per model "
+                  "and share: the first computes it, the other reads the importance cache and shows about 0 s.", "",
                   _md_table(["method", "importances", "search", "heal total", "cell wall"], timing), ""]
 
     failed = [r for r in rows if r["status"] != "ok"]
@@ -193,8 +195,8 @@ def render_summary(rows: list[dict], meta: dict, plots: list[tuple[str, str]]) -
     kept = [r for r in rows if r["status"] == "ok" and r.get("note")]
     if kept:
         parts += [f"## Cells scored as the unchanged model ({len(kept)})", "",
-                  "PTN found no crossing within max_steps (SPEC §8 reports this as a failure); the cell keeps θ0, "
-                  "as the paper scores such cases.", "",
+                  "PTN found no crossing within max_steps, or θ0 already misclassified the whole deletion set "
+                  "(acc0 = 0); SPEC §8 reports both as failures. The cell keeps θ0, as the paper scores such cases.", "",
                   _md_table(["cell", "note"], [[r["cell_id"], r["note"]] for r in kept]), ""]
 
     if plots:

@@ -52,8 +52,9 @@ class HealJob:
     """Everything ``potion heal`` needs besides the run folder and the deletion set."""
 
     method: str = "xlf_ptn"
-    # SPEC §8: a search without a crossing is a reported failure. "keep" reports it in the
-    # result and keeps θ0 instead (benchmarks score such a cell as the unchanged model).
+    # SPEC §8: a search without a crossing is a reported failure, and so is a deletion set
+    # that θ0 already gets wrong (acc0 = 0: no threshold to reach). "keep" reports either in
+    # the result and keeps θ0 instead (benchmarks score such a cell as the unchanged model).
     on_no_crossing: Literal["error", "keep"] = "error"
     backend: Literal["local", "ray"] = "local"
     ptn: PTNConfig = field(default_factory=PTNConfig)

@@ -27,7 +27,7 @@ from potion.pipeline.runs import MODEL_FILE, RunFolder, load_run, resolve_device
 from potion.training import train_model
 from potion.unlearning.cache import ImportanceCache, hash_arrays
 from potion.unlearning.methods import METHODS, HealContext, HealResult, heal
-from potion.unlearning.ptn import PTNNoCrossing
+from potion.unlearning.ptn import NothingToHeal, PTNNoCrossing
 
 REPORT_FILE = "report.json"
 DELETION_FILE = "deletion_set.parquet"
@@ -220,11 +220,12 @@ def _heal(run_dir, job: HealJob, out: Path, share, count, identified, overwrite,
             )
         try:
             result = heal(job.method, ctx)
-        except PTNNoCrossing as e:
+        except (PTNNoCrossing, NothingToHeal) as e:
             if job.on_no_crossing != "keep":
                 raise
-            result = HealResult(job.method, state0, {"no_crossing": True, "message": str(e),
-                                                     "trace": [t.to_dict() for t in e.trace]}, {})
+            reason = "no_crossing" if isinstance(e, PTNNoCrossing) else "nothing_to_heal"
+            result = HealResult(job.method, state0, {reason: True, "message": str(e),
+                                                     "trace": [t.to_dict() for t in getattr(e, "trace", [])]}, {})
         healed = create_model(run.checkpoint.name, **run.checkpoint.kwargs)
         healed.load_state_dict(result.state_dict)
         healed.eval()

@@ -14,6 +14,7 @@ from potion.unlearning.dampening import (
 from potion.unlearning.importances import ESTIMATORS, compute_importances, importance_sums
 from potion.unlearning.methods import METHODS, HealContext, HealResult, heal
 from potion.unlearning.ptn import (
+    NothingToHeal,
     PTNConfig,
     PTNNoCrossing,
     PTNResult,
@@ -25,7 +26,7 @@ from potion.unlearning.ptn import (
 )
 
 __all__ = [
-    "ESTIMATORS", "METHODS", "HealContext", "HealResult", "ImportanceCache", "PTNConfig",
+    "ESTIMATORS", "METHODS", "HealContext", "HealResult", "ImportanceCache", "NothingToHeal", "PTNConfig",
     "PTNNoCrossing", "PTNResult", "RatioQuantiles", "StepEvaluator", "StepResult",
     "alpha_from_share", "compute_importances", "dampen", "hash_arrays", "heal",
     "importance_ratios", "importance_sums", "percentile_for_share", "ptn_search",

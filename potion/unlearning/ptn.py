@@ -96,6 +96,10 @@ class PTNNoCrossing(PotionError):
         self.trace = trace
 
 
+class NothingToHeal(PotionError):
+    """θ0 already misclassifies every sample of Sf (acc0 = 0): PTN has no threshold to reach."""
+
+
 def no_crossing(trace: list[StepResult], cfg: PTNConfig, threshold: float, acc0: float) -> PTNNoCrossing:
     """The reported failure of a search whose trace never reached the threshold."""
     last = trace[-1]
@@ -111,7 +115,7 @@ def crossing_threshold(evaluator, cfg: PTNConfig) -> float:
     """ρ · acc0, refusing a deletion set that θ0 already gets wrong everywhere."""
     acc0 = float(evaluator.acc0)
     if acc0 == 0:
-        raise PotionError(
+        raise NothingToHeal(
             "the model already misclassifies the whole deletion set: nothing to heal "
             "(accuracy of θ0 on the deletion set against its poisoned labels is 0)"
         )
