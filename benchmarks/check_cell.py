@@ -4,10 +4,11 @@ A surprising benchmark number is only a finding once the harness is ruled out. T
 takes a finished PTN cell of ``potion benchmark`` and redoes it without the harness, the
 heal pipeline, ``HealContext``, the importance cache or ``StepEvaluator``: it draws the
 deletion set from the manifest, computes I_f and I_r with ``compute_importances``, scans
-k = 0, 1, … with ``np.percentile`` (not the sorted-once quantiles the search uses),
-``dampen`` and its own accuracy loop, then measures the healed model. It prints both
-results side by side and exits 1 if they disagree. A cell that kept θ0 (no crossing, or
-nothing to heal) is checked the same way: both sides must say so.
+k = 0, 1, … with ``share_at_step``, ``alpha_from_share`` (``np.percentile``, not the
+sorted-once quantiles the search uses), ``dampen`` and ``potion.metrics.accuracy``, then
+measures the healed model. It prints both results side by side and exits 1 if they
+disagree. A cell that kept θ0 (no crossing, or nothing to heal) is checked the same way:
+both sides must say so.
 
     python benchmarks/check_cell.py benchmarks/work/mnist-cpu badnet-n0.01-0.1-xlf_ptn-seed0
 """
@@ -25,21 +26,13 @@ import pyarrow.parquet as pq
 import torch
 
 from potion.datasets import draw_deletion_set
-from potion.metrics import attack_metrics, model_damage, poison_healed
+from potion.metrics import accuracy, attack_metrics, model_damage, poison_healed
 from potion.pipeline.runs import load_run
-from potion.unlearning.dampening import dampen, importance_ratios, percentile_for_share
+from potion.unlearning.dampening import alpha_from_share, dampen, importance_ratios
 from potion.unlearning.importances import compute_importances
+from potion.unlearning.ptn import share_at_step
 
 ESTIMATOR = {"ssd_ptn": "fisher", "lf_ptn": "lf", "xlf_ptn": "xlf"}
-
-
-def accuracy(model: torch.nn.Module, batches) -> float:
-    correct = total = 0
-    with torch.no_grad():
-        for x, y, *_ in batches:
-            correct += int((model(x).argmax(1) == y).sum())
-            total += len(y)
-    return correct / total
 
 
 def recompute(model_dir: Path, method: str, share: float | None, count: int | None, seed: int, bs: int,
@@ -50,23 +43,22 @@ def recompute(model_dir: Path, method: str, share: float | None, count: int | No
     deletion = np.unique(draw_deletion_set(run.manifest, share=share, count=count, seed=seed))
     retain = np.setdiff1d(np.arange(n_total), deletion)
     view = run.train_view()
-    forget = list(view.subset(deletion).batches(bs))
+    forget_view = view.subset(deletion)
     t0 = time.perf_counter()
     est = ESTIMATOR[method]
-    imp_f = compute_importances(model, forget, est)
+    imp_f = compute_importances(model, forget_view.batches(bs), est)
     imp_r = compute_importances(model, view.subset(retain).batches(bs), est)
     imp_s = time.perf_counter() - t0
 
     theta0 = {k: v.clone() for k, v in model.state_dict().items()}
     ratios = importance_ratios(imp_f, imp_r)
-    acc0 = accuracy(model, forget)
+    acc0 = accuracy(model, forget_view, bs)
     k_star = alpha_star = None  # no crossing (or acc0 = 0): the benchmark keeps θ0
     for k in range(max_steps + 1 if acc0 > 0 else 0):
-        s = (len(deletion) / n_total) / buffer * step**k
-        alpha = float(np.percentile(ratios, percentile_for_share(s)))
+        alpha = alpha_from_share(ratios, share_at_step(k, len(deletion), n_total, buffer, step))
         state, _ = dampen(theta0, imp_f, imp_r, alpha, 1.0)
         model.load_state_dict(state)
-        if accuracy(model, forget) <= rho * acc0:
+        if accuracy(model, forget_view, bs) <= rho * acc0:
             k_star, alpha_star = k, alpha
             break
     else:
