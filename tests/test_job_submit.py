@@ -30,10 +30,28 @@ pytestmark = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct ports free now (all sockets held open until every port is chosen)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def ray_start_port_flags() -> list:
+    """Every port `ray start --head` would otherwise take from Ray's fixed defaults, so that
+    this cluster runs beside any other Ray on the machine (a second copy of the suite, a
+    user's cluster). Ports the test must know (GCS, dashboard) or Ray requires as a number
+    (client server) are probed free ports; the agents' ports are 0: the kernel picks them
+    when they bind, which no other process can race."""
+    gcs, dash, client = _free_ports(3)
+    return ["--port", gcs, "--dashboard-port", dash, "--ray-client-server-port", client,
+            "--dashboard-agent-listen-port", 0, "--dashboard-agent-grpc-port", 0,
+            "--runtime-env-agent-port", 0, "--metrics-export-port", 0]
 
 
 def _processes() -> dict[int, tuple[int, str, str]]:
@@ -97,23 +115,25 @@ def test_potion_heal_as_a_ray_job_tracked_in_mlflow(tmp_path):
 
     # Short: Ray's unix socket paths under it must stay below ~107 characters.
     temp = tempfile.mkdtemp(prefix="potion-rt-", dir="/tmp")
-    dash = _free_port()
-    address = f"http://127.0.0.1:{dash}"
+    ports = ray_start_port_flags()
+    address = f"http://127.0.0.1:{ports[ports.index('--dashboard-port') + 1]}"
     sid = f"potion-test-{uuid.uuid4().hex[:8]}"
     try:
-        start = _run([ray_bin, "start", "--head", "--num-cpus", "1", "--dashboard-host", "127.0.0.1",
-                      "--port", _free_port(), "--dashboard-port", dash, "--temp-dir", temp,
-                      "--disable-usage-stats"], env, temp, 180)
+        start = _run([ray_bin, "start", "--head", "--num-cpus", "1", "--dashboard-host", "127.0.0.1", *ports,
+                      "--temp-dir", temp, "--disable-usage-stats"], env, temp, 180)
         assert start.returncode == 0, start.stdout[-2000:] + start.stderr[-2000:]
         job = _run([ray_bin, "job", "submit", "--address", address, "--working-dir", REPO, "--submission-id", sid,
                     "--", "potion", "heal", "--run", run_dir, "--discovery-share", "0.3", "--method", "xlf_ptn",
                     "--backend", "ray", "--step", "3", "--out", out, "--tracking-uri", f"sqlite:///{db}",
                     "--quiet"], env, tmp_path, 900)
+        submit_output = f"ray job submit exited {job.returncode}:\n" + job.stdout[-4000:] + job.stderr[-3000:]
+        # The submit's own verdict first: if it never reached the cluster there is no job to ask about.
+        assert job.returncode == 0, submit_output
+        assert f"Job '{sid}' succeeded" in job.stdout + job.stderr, submit_output
         from ray.job_submission import JobStatus, JobSubmissionClient
 
         status = JobSubmissionClient(address).get_job_status(sid)
-        assert status == JobStatus.SUCCEEDED, (f"{status}\n" + job.stdout[-4000:] + job.stderr[-3000:])
-        assert job.returncode == 0
+        assert status == JobStatus.SUCCEEDED, f"{status}\n{submit_output}"
     finally:
         stop_cluster(temp)
         shutil.rmtree(temp, ignore_errors=True)

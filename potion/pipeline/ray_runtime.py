@@ -14,12 +14,23 @@ token behind and changes nothing for other Ray programs. Note that Ray's servers
 all interfaces; on a machine shared with untrusted users set ``RAY_AUTH_MODE=token``
 yourself (Potion never overrides a mode that is set). When joining an existing cluster we
 make Ray's own choice explicit: ``token`` when a token is available, else ``disabled``.
+
+Ports: a local instance from ``ray.init`` lets the GCS, raylet, metrics and runtime-env
+agents bind ports the kernel picks, finds a dashboard (API server) port by trying upwards
+from 8265, and starts no client server; only the dashboard agent's HTTP port is fixed
+(52365) and ``ray.init`` has no argument for it. A second Ray on the machine (another Potion,
+a second test suite, a user's cluster) then leaves the agent without its HTTP service, which
+job and state calls need. ``_kernel_chosen_agent_port`` gives that port 0 too, so any number
+of local instances can run side by side.
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
 import logging
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 from potion.errors import PotionError
@@ -138,8 +149,41 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
         raise PotionError(f"--num-cpus must be at least 1, got {num_cpus}")
     set_auth_mode(joining=False)
     # "local" (not None): never silently join a cluster that `ray start` left running.
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **common)
+    with _kernel_chosen_agent_port():
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **common)
     _owned = True
+
+
+AGENT_PORT_ARG = "dashboard_agent_listen_port"
+
+
+@contextlib.contextmanager
+def _kernel_chosen_agent_port() -> Iterator[None]:
+    """Within the block, a Ray node started by ``ray.init`` asks the kernel for its dashboard
+    agent's HTTP port (0) instead of the fixed 52365 (see the module docstring).
+
+    ``ray.init`` builds its ``RayParams`` without that argument, so the class is swapped, for
+    the length of the call, for one whose default is 0; Ray's own multi-node test clusters
+    start their agents on port 0 the same way. If a later Ray drops the argument, the swap
+    is skipped and Ray's default applies.
+    """
+    from ray._private import parameter
+
+    original = parameter.RayParams
+    if AGENT_PORT_ARG not in inspect.signature(original.__init__).parameters:
+        yield
+        return
+
+    class _RayParams(original):  # type: ignore[misc, valid-type]
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault(AGENT_PORT_ARG, 0)
+            super().__init__(*args, **kwargs)
+
+    parameter.RayParams = _RayParams
+    try:
+        yield
+    finally:
+        parameter.RayParams = original
 
 
 def owned() -> bool:
