@@ -56,11 +56,73 @@ def cmd_train(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- the model to heal / evaluate
+OWNER_FLAGS = ("model", "weights", "dataset", "data_root", "model_args", "mean", "std", "image_size",
+               "triggered_test", "target")
+
+
+def _add_owner_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("your own model and data (instead of --run)")
+    g.add_argument("--model", help="path/to/file.py:Name, package.module:Name, timm:<name>, torchvision:<name> "
+                                   "or a Potion model name")
+    g.add_argument("--model-args", help='JSON keyword arguments of the class/factory, e.g. \'{"num_classes": 10}\'')
+    g.add_argument("--weights", help="state_dict (.pt/.pth, loaded with weights_only=True), .safetensors, "
+                                     "a Potion checkpoint, or a dict with 'state_dict'/'model'")
+    g.add_argument("--dataset", help="parquet, imagefolder, cifar10, cifar100 (used as stored: no trigger added)")
+    g.add_argument("--data-root", help="folder of the dataset")
+    g.add_argument("--mean", type=_floats, help="per-channel mean the model expects, e.g. 0.1307 or 0.485,0.456,0.406 "
+                                              "(default 0: no normalisation)")
+    g.add_argument("--std", type=_floats, help="per-channel std (default 1)")
+    g.add_argument("--image-size", type=int, help="resize images to this size (default: as stored)")
+    g.add_argument("--triggered-test", help="Parquet of test images carrying your trigger, true labels (needs --target)")
+    g.add_argument("--target", type=int, help="the attack's target class (needs --triggered-test)")
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got '{text}'") from None
+
+
+def source_from_args(args):
+    """The loader for ``--run`` (Potion's run folder) or the owner's pieces (``--model`` …)."""
+    from potion.pipeline.heal_inputs import OwnerSource, RunSource
+
+    given = [f for f in OWNER_FLAGS if getattr(args, f, None) is not None]
+    if args.run is not None:
+        if given:
+            raise PotionError(f"--run takes the model and data from the run folder; drop --{given[0].replace('_', '-')}")
+        return RunSource(args.run, getattr(args, "checkpoint", None))
+    if args.model is None:
+        raise PotionError("give --run RUN_FOLDER, or your own model: --model FILE.py:Name --weights FILE "
+                          "--dataset parquet --data-root DATA")
+    if getattr(args, "checkpoint", None):
+        raise PotionError("--checkpoint goes with --run; with --model give the weights as --weights")
+    model_args = {}
+    if args.model_args:
+        try:
+            model_args = json.loads(args.model_args)
+        except ValueError as e:
+            raise PotionError(f"--model-args is not valid JSON ({e}); e.g. '{{\"num_classes\": 10}}'") from None
+        if not isinstance(model_args, dict):
+            raise PotionError("--model-args must be a JSON object, e.g. '{\"num_classes\": 10}'")
+    data_args = {"root": args.data_root} if args.data_root is not None else {}
+    return OwnerSource(model=args.model, weights=args.weights, dataset=args.dataset, data_args=data_args,
+                       model_args=model_args, mean=args.mean, std=args.std, image_size=args.image_size,
+                       triggered_test=args.triggered_test, target=args.target)
+
+
 # ---------------------------------------------------------------- evaluate
 def cmd_evaluate(args) -> int:
-    from potion.pipeline.evaluate import run_evaluate
+    from potion.pipeline.evaluate import evaluate_owner, run_evaluate
+    from potion.pipeline.heal_inputs import RunSource
 
-    metrics = run_evaluate(args.run, args.checkpoint, device=args.device or "auto")
+    source = source_from_args(args)
+    if isinstance(source, RunSource):
+        metrics = run_evaluate(args.run, args.checkpoint, device=args.device or "auto")
+    else:
+        metrics = evaluate_owner(source, device=args.device or "auto")
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -83,8 +145,9 @@ def cmd_heal(args) -> int:
     from potion.pipeline.heal import run_heal
     from potion.pipeline.report import heal_table
 
+    source = source_from_args(args)
     job = heal_job_from_args(args)
-    report = run_heal(args.run, job, args.out, share=args.discovery_share, count=args.discovery_count,
+    report = run_heal(source, job, args.out, share=args.discovery_share, count=args.discovery_count,
                       identified=args.identified, overwrite=args.overwrite, progress=not args.quiet)
     print(heal_table(report))
     print(f"healed model: {Path(args.out) / 'model.pt'}\nreport: {Path(args.out) / 'report.json'}")
@@ -133,14 +196,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("evaluate", help="clean_acc, ra and asr of a run's model (or another checkpoint)")
-    p.add_argument("--run", required=True)
+    p = sub.add_parser("evaluate", help="clean_acc, ra and asr of a run's model (or another checkpoint, or your own model)")
+    p.add_argument("--run", help="run folder written by `potion train`")
     p.add_argument("--checkpoint", help="evaluate this checkpoint against the run's data instead of the run's model")
+    _add_owner_flags(p)
     p.add_argument("--device")
     p.set_defaults(fn=cmd_evaluate)
 
-    p = sub.add_parser("heal", help="unlearn a partly identified poison from a trained run")
-    p.add_argument("--run", required=True, help="run folder written by `potion train`")
+    p = sub.add_parser("heal", help="unlearn a partly identified poison from a trained run or your own model")
+    p.add_argument("--run", help="run folder written by `potion train` (or give your own model: --model ...)")
+    _add_owner_flags(p)
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--discovery-share", type=float, help="draw this share of the poison as the deletion set")
     g.add_argument("--discovery-count", type=int, help="draw this many poisoned samples (1 = one-shot healing)")

@@ -53,10 +53,17 @@ from potion.models.checkpoint import (  # noqa: E402
     model_from_state,
     save_checkpoint,
 )
+from potion.models.spec import ModelSpec, parse_model_spec  # noqa: E402
+from potion.models.weights import LoadedWeights, load_weights, read_weights  # noqa: E402
 
 __all__ = [
     "MODELS",
     "Checkpoint",
+    "LoadedWeights",
+    "ModelSpec",
+    "load_weights",
+    "parse_model_spec",
+    "read_weights",
     "create_model",
     "load_checkpoint",
     "load_init_weights",

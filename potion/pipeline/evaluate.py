@@ -26,3 +26,15 @@ def run_evaluate(run: str | Path, checkpoint: str | Path | None = None, device: 
                 previous = {}
         atomic_write_json(target, {**previous, **metrics})
     return metrics
+
+
+def evaluate_owner(source, device: str = "auto", batch_size: int = 512) -> dict:
+    """Metrics of the owner's own model on their data (``potion evaluate --model …``).
+
+    Nothing is written: the owner's folders are theirs. ra/asr need ``--triggered-test``.
+    """
+    from potion.pipeline.heal_inputs import measure
+
+    inputs = source.load()
+    return {**measure(inputs.model, inputs, batch_size, resolve_device(device)),
+            "provenance": inputs.provenance}

@@ -1,12 +1,14 @@
-"""``potion heal``: a trained run + a deletion set → a healed checkpoint and a report.
+"""``potion heal``: a trained model + a deletion set → a healed checkpoint and a report.
 
-Thin glue: the method lives in ``potion.unlearning``; this module picks the data, plugs in
+Thin glue: the inputs come from a loader (``heal_inputs``: a run folder or the owner's own
+model, weights and data); the method lives in ``potion.unlearning``; this module plugs in
 the importance cache and (for ``--backend ray``) the sharded pass and the Ray Tune search,
 logs to MLflow and writes the outputs.
 """
 from __future__ import annotations
 
 import functools
+import json
 import os
 import time
 from pathlib import Path
@@ -14,17 +16,16 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from potion.config import to_dict
 from potion.datasets import draw_deletion_set
 from potion.errors import PotionError
 from potion.io import atomic_write, atomic_write_json, check_output_dir, refuse_inside
-from potion.metrics import accuracy, attack_metrics, model_damage, poison_healed
-from potion.models import create_model, load_checkpoint, save_checkpoint
+from potion.metrics import accuracy, model_damage, poison_healed
+from potion.models import save_checkpoint
 from potion.pipeline.configs import HealJob
-from potion.pipeline.runs import MODEL_FILE, RunFolder, load_run, resolve_device
-from potion.training import train_model
+from potion.pipeline.heal_inputs import HealInputs, OwnerSource, RunSource, measure, model_at
+from potion.pipeline.runs import MODEL_FILE, resolve_device
 from potion.unlearning.cache import ImportanceCache, hash_arrays
 from potion.unlearning.methods import METHODS, HealContext, HealResult, heal
 from potion.unlearning.ptn import NothingToHeal, PTNNoCrossing
@@ -76,37 +77,32 @@ def validate_indices(values: np.ndarray, n_total: int, where: str) -> np.ndarray
     return np.unique(values)
 
 
-def select_deletion_set(run: RunFolder, share, count, identified, seed) -> tuple[np.ndarray, str]:
+def select_deletion_set(inputs: HealInputs, share, count, identified, seed) -> tuple[np.ndarray, str]:
     given = [x is not None for x in (share, count, identified)]
     if sum(given) != 1:
         raise PotionError("give exactly one of --discovery-share, --discovery-count or --identified")
-    n_total = run.manifest.table.num_rows
+    n_total = inputs.n_train
     if identified is not None:
         return read_identified(identified, n_total), f"file {identified}"
-    idx = draw_deletion_set(run.manifest, share=share, count=count, seed=seed)
+    if inputs.manifest is None:
+        raise PotionError("--discovery-share/--discovery-count draw from a Potion poison manifest (a --run folder); "
+                          "for your own model and data give the indices you found with --identified FILE")
+    idx = draw_deletion_set(inputs.manifest, share=share, count=count, seed=seed)
     what = f"share {share}" if share is not None else f"count {count}"
     return validate_indices(idx, n_total, f"manifest draw ({what})"), f"manifest draw ({what}, seed {seed})"
 
 
 # ---------------------------------------------------------------- importances
-def _train_view_of(run_dir: str):
-    """Rebuild D's evaluation view on a Ray worker from the run folder alone."""
-    return load_run(run_dir).train_view()
-
-
-def _model_of(run_dir: str):
-    return load_checkpoint(Path(run_dir) / MODEL_FILE)[0]
-
-
-def make_importance_fn(run: RunFolder, job: HealJob, state0: dict, deletion: np.ndarray, retain: np.ndarray,
+def make_importance_fn(inputs: HealInputs, job: HealJob, state0: dict, deletion: np.ndarray, retain: np.ndarray,
                        device: str, progress: bool):
     """The importance pass that ``HealContext`` calls, with the on-disk cache in front and,
     for the Ray backend, the retain-set pass sharded over workers."""
     cache = None if job.cache_dir == "none" else ImportanceCache(Path(job.cache_dir or default_cache_dir()))
-    m = run.manifest
+    # The key covers the weights (state0), the model's code (spec + file sha256), the data
+    # and transform (data_key) and the deletion set.
     data_hash = hash_arrays(
-        np.frombuffer(repr(to_dict(run.job.data)).encode(), dtype=np.uint8),
-        m.train_labels, m.poisoned_mask, m.corners, deletion,
+        np.frombuffer(json.dumps(_spec_identity(inputs.spec), sort_keys=True).encode(), dtype=np.uint8),
+        np.frombuffer(inputs.data_key.encode(), dtype=np.uint8), deletion,
     )
 
     def compute(estimator, p, batches_fn, which):
@@ -122,14 +118,15 @@ def make_importance_fn(run: RunFolder, job: HealJob, state0: dict, deletion: np.
         if job.backend == "ray" and which == "retain":
             from potion.pipeline.ray_importances import sharded_importances
 
+            state_np = {k: v.detach().cpu().numpy() for k, v in state0.items()}
             imp = sharded_importances(
-                functools.partial(_model_of, str(run.path)), functools.partial(_train_view_of, str(run.path)),
+                functools.partial(model_at, inputs.spec, state_np), inputs.train_view_factory,
                 retain, estimator, p, job.importance_batch_size, job.importance_shards or None,
                 # the job's own device: "auto" lets shards ask for GPUs that a CPU head lacks
                 device=job.device, augment=job.importance_augment,
             )
         else:
-            imp = compute_importances(run.model, batches_fn(), estimator, p=p, device=device, progress=progress)
+            imp = compute_importances(inputs.model, batches_fn(), estimator, p=p, device=device, progress=progress)
         if cache is not None:
             cache.put(key, imp)
         return imp
@@ -137,26 +134,48 @@ def make_importance_fn(run: RunFolder, job: HealJob, state0: dict, deletion: np.
     return compute
 
 
+def _spec_identity(spec) -> dict:
+    prov = spec.provenance()
+    prov.pop("path", None)  # moving the file keeps its sha256, and the cache entry
+    return prov
+
+
 # ---------------------------------------------------------------- heal
-def run_heal(run_dir: str | Path, job: HealJob, out: str | Path, *, share: float | None = None,
-             count: int | None = None, identified: str | Path | None = None, overwrite: bool = False,
-             progress: bool = True) -> dict:
+def run_heal(source: str | Path | RunSource | OwnerSource, job: HealJob, out: str | Path, *,
+             share: float | None = None, count: int | None = None, identified: str | Path | None = None,
+             overwrite: bool = False, progress: bool = True) -> dict:
+    """Heal from a run folder (a path or :class:`RunSource`) or the owner's pieces (:class:`OwnerSource`)."""
+    source = source if isinstance(source, (RunSource, OwnerSource)) else RunSource(source)
     METHODS.get(job.method)  # unknown method: fail before loading anything
     out = Path(out)
-    refuse_inside(out, run_dir, "the run folder")
+    if isinstance(source, RunSource):
+        refuse_inside(out, source.run_dir, "the run folder")
     check_output_dir(out, overwrite)
+    created = not out.exists()
+    try:
+        return _connect_and_heal(source, job, out, share, count, identified, overwrite, progress)
+    except BaseException:
+        # Bad input found while loading leaves no trace: not even the empty --out folder
+        # that the tracking check made.
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+def _connect_and_heal(source, job: HealJob, out: Path, share, count, identified, overwrite, progress) -> dict:
     tracking_uri = resolve_tracking_uri(job, out)
+    py_modules = source.py_modules()  # parses --model: a bad spec fails before Ray starts
     if job.backend == "ray":
         from potion.pipeline.ray_runtime import connect
 
-        connect(job.address, job.num_cpus)  # fail fast on an unreachable cluster
+        connect(job.address, job.num_cpus, py_modules=py_modules)  # fail fast on an unreachable cluster
     if tracking_uri:
         from potion.pipeline.tracking import check_tracking
 
         check_tracking(tracking_uri)
 
     try:
-        return _heal(run_dir, job, out, share, count, identified, overwrite, progress, tracking_uri)
+        return _heal(source.load(), job, out, share, count, identified, overwrite, progress, tracking_uri)
     finally:
         if job.backend == "ray":
             from potion.pipeline.ray_runtime import shutdown_if_owned
@@ -164,32 +183,32 @@ def run_heal(run_dir: str | Path, job: HealJob, out: str | Path, *, share: float
             shutdown_if_owned()
 
 
-def _heal(run_dir, job: HealJob, out: Path, share, count, identified, overwrite, progress, tracking_uri) -> dict:
+def _heal(inputs: HealInputs, job: HealJob, out: Path, share, count, identified, overwrite, progress,
+          tracking_uri) -> dict:
     t_start = time.perf_counter()
-    run = load_run(run_dir)
     device = resolve_device(job.device)
-    deletion, source = select_deletion_set(run, share, count, identified, job.seed)
-    n_total = run.manifest.table.num_rows
+    deletion, source = select_deletion_set(inputs, share, count, identified, job.seed)
+    n_total = inputs.n_train
     retain = np.setdiff1d(np.arange(n_total), deletion)
-    view = run.train_view()
+    view = inputs.train
     forget_view, retain_view = view.subset(deletion), view.subset(retain)
     bs = job.importance_batch_size
     eval_bs = max(bs, 512)  # accuracy does not depend on the batch size; speed does
     forget_batches = list(forget_view.batches(bs, augment=job.importance_augment, device=device))
 
-    clean, triggered = run.test_views(seed=run.job.poison.seed)
+    clean, triggered = inputs.clean_test, inputs.triggered_test
     val_batches = None
     if job.val_size:
         rng = np.random.default_rng(job.seed)
         pos = np.sort(rng.choice(len(clean), size=min(job.val_size, len(clean)), replace=False))
         val_batches = list(clean.subset(pos).batches(eval_bs, device=device))
 
-    target = run.manifest.target
-    before = attack_metrics(run.model, clean, triggered, target, batch_size=eval_bs, device=device)
+    model = inputs.model
+    before = _measured(model, inputs, forget_view, eval_bs, device)
 
-    state0 = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+    state0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
     ctx = HealContext(
-        model=run.model,
+        model=model,
         state0=state0,
         retain_batches=lambda: retain_view.batches(bs, augment=job.importance_augment, device=device),
         forget_batches=forget_batches,
@@ -199,22 +218,23 @@ def _heal(run_dir, job: HealJob, out: Path, share, count, identified, overwrite,
         ptn=job.ptn,
         device=device,
         progress=progress,
-        importances=make_importance_fn(run, job, state0, deletion, retain, device, progress),
+        importances=make_importance_fn(inputs, job, state0, deletion, retain, device, progress),
         val_batches=val_batches,
-        retrain=functools.partial(_retrain, run, view.subset(retain), device, progress),
-        grid_score=_grid_scorer(run, clean, triggered, job.seed, eval_bs, device) if job.method == "ssd_grid" else None,
+        retrain=(functools.partial(inputs.retrain, view.subset(retain), device, progress)
+                 if inputs.retrain is not None else None),
+        grid_score=_grid_scorer(inputs, job.seed, eval_bs, device) if job.method == "ssd_grid" else None,
         ssd_alpha=job.ssd_alpha,
         ssd_lambda=job.ssd_lambda,
     )
 
-    tracker_cm = _tracker(tracking_uri, job, run, out)
+    tracker_cm = _tracker(tracking_uri, job, inputs, out)
     with tracker_cm as tracker:
         if job.backend == "ray":
             from potion.pipeline.ray_search import make_ray_search
 
             callbacks = [tracker.tune_callback()] if tracker else []
             ctx.search = make_ray_search(
-                model_name=run.checkpoint.name, model_kwargs=run.checkpoint.kwargs,
+                model_factory=inputs.spec.build,
                 gpus_per_trial=job.gpus_per_trial, storage_path=str(out.resolve() / "ray_results"),
                 callbacks=callbacks,
             )
@@ -226,11 +246,11 @@ def _heal(run_dir, job: HealJob, out: Path, share, count, identified, overwrite,
             reason = "no_crossing" if isinstance(e, PTNNoCrossing) else "nothing_to_heal"
             result = HealResult(job.method, state0, {reason: True, "message": str(e),
                                                      "trace": [t.to_dict() for t in getattr(e, "trace", [])]}, {})
-        healed = create_model(run.checkpoint.name, **run.checkpoint.kwargs)
+        healed = inputs.spec.build()
         healed.load_state_dict(result.state_dict)
         healed.eval()
-        after = attack_metrics(healed, clean, triggered, target, batch_size=eval_bs, device=device)
-        report = _report(job, run, deletion, source, before, after, result, time.perf_counter() - t_start)
+        after = _measured(healed, inputs, forget_view, eval_bs, device)
+        report = _report(job, inputs, deletion, source, before, after, result, time.perf_counter() - t_start)
         if tracker:
             trace = result.info.get("trace") or []
             if job.backend != "ray":
@@ -238,12 +258,17 @@ def _heal(run_dir, job: HealJob, out: Path, share, count, identified, overwrite,
             tracker.log_curve(trace, threshold=result.info.get("threshold"), k_star=result.info.get("k_star"))
             report["mlflow"] = {"tracking_uri": tracking_uri, "parent_run_id": tracker.parent_run_id,
                                 "experiment": job.experiment}
-        _write_outputs(out, healed, run, deletion, report, overwrite)
+        _write_outputs(out, healed, inputs, deletion, report, overwrite)
         if tracker:
             tracker.log_metrics({f"after_{k}": v for k, v in after.items() if isinstance(v, (int, float))})
             tracker.log_model(out / MODEL_FILE)
-            tracker.log_files([out / REPORT_FILE, out / DELETION_FILE, run.path / "poison.parquet"])
+            tracker.log_files([out / REPORT_FILE, out / DELETION_FILE, *inputs.extra_files])
     return report
+
+
+def _measured(model, inputs: HealInputs, forget_view, bs: int, device: str) -> dict:
+    """SPEC §4 metrics plus accuracy on the deletion set (with the labels it was trained with)."""
+    return {**measure(model, inputs, bs, device), "deletion_acc": accuracy(model, forget_view, bs, device)}
 
 
 def resolve_tracking_uri(job: HealJob, out: Path) -> str | None:
@@ -261,12 +286,13 @@ class _NoTracker:
         return False
 
 
-def _tracker(uri, job: HealJob, run: RunFolder, out: Path):
+def _tracker(uri, job: HealJob, inputs: HealInputs, out: Path):
     if not uri:
         return _NoTracker()
     from potion.pipeline.tracking import SearchTracker
 
-    params = {"run": str(run.path), "method": job.method, "backend": job.backend, **_flat("heal", to_dict(job))}
+    params = {"run": str(inputs.provenance.get("run")), "method": job.method, "backend": job.backend,
+              **_flat("heal", to_dict(job)), **_flat("provenance", inputs.provenance)}
     # A local sqlite store keeps its artifacts beside the database file.
     artifact_root = Path(uri[len("sqlite:///"):]).parent / "mlruns" if uri.startswith("sqlite:///") else None
     return SearchTracker(uri, job.experiment, run_name=f"{job.method}:{out.name}", params=params,
@@ -284,24 +310,22 @@ def _flat(prefix: str, d: dict) -> dict:
     return flat
 
 
-def _retrain(run: RunFolder, retain_view, device: str, progress: bool):
-    """EU: re-initialise and retrain on Dr with the recipe θ0 was trained with."""
-    torch.manual_seed(run.job.recipe.seed)
-    model = create_model(run.checkpoint.name, **run.checkpoint.kwargs)
-    return train_model(model, retain_view, run.job.recipe, device=device, progress=progress).state_dict()
-
-
-def _grid_scorer(run: RunFolder, clean, triggered, seed: int, bs: int, device: str):
+def _grid_scorer(inputs: HealInputs, seed: int, bs: int, device: str):
     """ssd_grid's score (SPEC §9): it reads ground truth (triggered test images), so it is
     for benchmarks only. It scores on a seeded 20 % validation slice of the test set."""
+    clean, triggered = inputs.clean_test, inputs.triggered_test
+    if triggered is None:
+        raise PotionError("method 'ssd_grid' scores on triggered test images; give --triggered-test and --target")
     rng = np.random.default_rng(seed + 1)
     pos = np.sort(rng.choice(len(clean), size=max(1, len(clean) // 5), replace=False))
-    vc, vt = clean.subset(pos), triggered.subset(pos)
-    ra0 = accuracy(run.model, vt, batch_size=bs, device=device)
-    cl0 = accuracy(run.model, vc, batch_size=bs, device=device)
+    tpos = np.sort(rng.choice(len(triggered), size=max(1, len(triggered) // 5), replace=False)) \
+        if len(triggered) != len(clean) else pos
+    vc, vt = clean.subset(pos), triggered.subset(tpos)
+    ra0 = accuracy(inputs.model, vt, batch_size=bs, device=device)
+    cl0 = accuracy(inputs.model, vc, batch_size=bs, device=device)
 
     def score(state_dict) -> float:
-        model = create_model(run.checkpoint.name, **run.checkpoint.kwargs)
+        model = inputs.spec.build()
         model.load_state_dict(state_dict)
         model.eval()
         ra = accuracy(model, vt, batch_size=bs, device=device)
@@ -311,17 +335,24 @@ def _grid_scorer(run: RunFolder, clean, triggered, seed: int, bs: int, device: s
     return score
 
 
-def _report(job, run, deletion, source, before, after, result, total_s) -> dict:
-    gt = run.manifest.poisoned_mask
+def _healed_share(ra, clean_acc):
+    return None if ra is None else poison_healed(ra, clean_acc)
+
+
+def _report(job, inputs: HealInputs, deletion, source, before, after, result, total_s) -> dict:
+    gt = inputs.poisoned_mask
     info = dict(result.info)
     trace = [t.to_dict() if hasattr(t, "to_dict") else t for t in info.pop("trace", []) or []]
     return {
         "method": job.method,
         "backend": job.backend,
-        "run": str(run.path),
+        "run": inputs.provenance.get("run"),
+        "provenance": inputs.provenance,
         "deletion_set": {"size": int(len(deletion)), "source": source,
-                         "true_poison_in_set": int(gt[deletion].sum()), "n_poison_total": int(gt.sum()),
-                         "n_train": int(len(gt))},
+                         # ground truth exists only for Potion's own runs
+                         "true_poison_in_set": None if gt is None else int(gt[deletion].sum()),
+                         "n_poison_total": None if gt is None else int(gt.sum()),
+                         "n_train": int(inputs.n_train)},
         "rho": job.ptn.rho,
         "k_star": info.pop("k_star", None),
         "s": info.pop("s", None),
@@ -331,18 +362,19 @@ def _report(job, run, deletion, source, before, after, result, total_s) -> dict:
         "timings": {**result.timings, "wall_s": round(total_s, 3)},
         "before": before,
         "after": {**after,
-                  "poison_healed": poison_healed(after["ra"], after["clean_acc"]),
+                  "poison_healed": _healed_share(after["ra"], after["clean_acc"]),
                   "model_damage": model_damage(after["clean_acc"], before["clean_acc"])},
-        "before_poison_healed": poison_healed(before["ra"], before["clean_acc"]),
+        "before_poison_healed": _healed_share(before["ra"], before["clean_acc"]),
         "config": to_dict(job),
     }
 
 
-def _write_outputs(out: Path, healed, run: RunFolder, deletion, report, overwrite: bool) -> None:
+def _write_outputs(out: Path, healed, inputs: HealInputs, deletion, report, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     table = pa.table({"index": pa.array(deletion, pa.int64())})
     atomic_write(out / DELETION_FILE, lambda tmp: pq.write_table(table, tmp))
-    save_checkpoint(out / MODEL_FILE, healed.cpu(), run.checkpoint.name, run.checkpoint.kwargs,
-                    extra={**(run.checkpoint.extra or {}), "healed_from": str(run.path / MODEL_FILE),
-                           "method": report["method"]}, overwrite=True)
+    # A checkpoint that names its model spec: `--weights OUT/model.pt` loads it back.
+    save_checkpoint(out / MODEL_FILE, healed.cpu(), inputs.spec.text, inputs.spec.kwargs,
+                    extra={**inputs.checkpoint_extra, "method": report["method"],
+                           "model_spec": inputs.spec.provenance()}, overwrite=True)
     atomic_write_json(out / REPORT_FILE, report)

@@ -112,11 +112,13 @@ def _resolve_auto() -> str:
     return addr
 
 
-def connect(address: str | None = None, num_cpus: int | None = None) -> None:
+def connect(address: str | None = None, num_cpus: int | None = None, py_modules: list[str] | None = None) -> None:
     """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start a private local one.
 
     ``num_cpus`` sizes only a local instance; a running cluster has its own resources
-    (Ray refuses the argument there). Already connected → no-op.
+    (Ray refuses the argument there). ``py_modules``: the user's model files, shipped to
+    every worker through Ray's runtime_env so that a class installed nowhere can be
+    rebuilt there. Already connected → no-op.
     """
     global _owned
     import ray
@@ -126,6 +128,9 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     common = dict(log_to_driver=False, logging_level=logging.ERROR, configure_logging=True)
+    runtime_env = _runtime_env(py_modules)
+    if runtime_env:
+        common["runtime_env"] = runtime_env
     if address:
         if num_cpus is not None:
             raise PotionError(
@@ -184,6 +189,22 @@ def _kernel_chosen_agent_port() -> Iterator[None]:
         yield
     finally:
         parameter.RayParams = original
+
+
+def _runtime_env(py_modules: list[str] | None) -> dict | None:
+    if not py_modules:
+        return None
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    job_env = os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR)
+    if job_env:
+        # Inside `ray job submit`: Ray refuses to merge two py_modules lists; a job that
+        # ships its own modules keeps them (and its --working-dir holds the model file).
+        import json
+
+        if (json.loads(job_env).get("runtime_env") or {}).get("py_modules"):
+            return None
+    return {"py_modules": list(py_modules)}
 
 
 def owned() -> bool:

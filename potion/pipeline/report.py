@@ -32,7 +32,9 @@ def heal_rows(report: dict) -> list[dict]:
 
 
 def heal_table(report: dict) -> str:
-    head = (f"method {report['method']} ({report['backend']}), deletion set {report['deletion_set']['size']} "
-            f"of {report['deletion_set']['n_poison_total']} poisoned; k*={report.get('k_star')} "
-            f"alpha={fmt(report.get('alpha'))}")
-    return head + "\n" + format_table(heal_rows(report), METRIC_COLUMNS)
+    total = report["deletion_set"].get("n_poison_total")
+    of = f" of {total} poisoned" if total is not None else ""
+    head = (f"method {report['method']} ({report['backend']}), deletion set {report['deletion_set']['size']}"
+            f"{of}; k*={report.get('k_star')} alpha={fmt(report.get('alpha'))}")
+    note = report["before"].get("note")
+    return head + "\n" + format_table(heal_rows(report), METRIC_COLUMNS) + (f"\n{note}" if note else "")
