@@ -1,0 +1,182 @@
+"""Healing a model Potion did not train: the owner's class (a file in their folder), their
+weights and their Parquet data with a trigger baked in that Potion knows nothing about."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+import owner_case
+from potion.cli import main
+from potion.errors import PotionError
+from potion.models import load_weights, parse_model_spec, read_weights
+from potion.unlearning.methods import HealContext, heal
+from potion.unlearning.ptn import PTNConfig
+
+# step 2 (not 1.1) keeps k* small: the Ray test runs one Tune trial per step.
+QUIET = ["--quiet", "--tracking-uri", "none", "--cache-dir", "none", "--method", "xlf_ptn", "--step", "2"]
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    return owner_case.build(tmp_path_factory.mktemp("owner") / "user")
+
+
+@pytest.fixture()
+def in_case(case, monkeypatch):
+    monkeypatch.chdir(case["folder"])  # relative paths, as the owner would type them
+    return case
+
+
+def _decode(path: Path) -> tuple[torch.Tensor, np.ndarray]:
+    t = pq.read_table(path)
+    imgs = [np.asarray(Image.open(io.BytesIO(r["bytes"]))) for r in t.column("image").to_pylist()]
+    x = torch.from_numpy(np.stack(imgs)[:, None]).float().div(255).sub(owner_case.MEAN).div(owner_case.STD)
+    return x, t.column("label").to_numpy()
+
+
+def direct_k_star(case, batch_size: int = 512) -> int:
+    """k* from the core functions alone: the owner's class, data decoded here with PIL."""
+    folder = case["folder"]
+    model = owner_case.load_model_class(folder)(num_classes=10)
+    model.load_state_dict(case["state"])
+    x, y = _decode(folder / "data" / "train.parquet")
+    found = case["found"]
+    retain = np.setdiff1d(np.arange(len(y)), found)
+
+    def chunks(idx):
+        return [(x[idx[i:i + batch_size]], torch.from_numpy(y[idx[i:i + batch_size]]))
+                for i in range(0, len(idx), batch_size)]
+
+    ctx = HealContext(model=model, state0=model.state_dict(), retain_batches=lambda: chunks(retain),
+                      forget_batches=chunks(found), n_forget=len(found), n_total=len(y), ptn=PTNConfig(step=2.0))
+    return heal("xlf_ptn", ctx).info["k_star"]
+
+
+def test_heal_own_model_local_lowers_asr_and_matches_the_core(in_case, capsys):
+    rc = main(["heal", *owner_case.heal_args(Path(".")), "--backend", "local", "--out", "healed", *QUIET])
+    assert rc == 0, capsys.readouterr().err
+    rep = json.loads(Path("healed/report.json").read_text())
+    assert rep["k_star"] == direct_k_star(in_case)
+    # The X trigger works on θ0 and mostly stops working after healing.
+    assert rep["before"]["asr"] > 0.9 and rep["after"]["asr"] < 0.5 * rep["before"]["asr"]
+    assert rep["after"]["clean_acc"] > rep["before"]["clean_acc"] - 0.05
+    # No ground truth for the owner's data: nothing is made up.
+    assert rep["deletion_set"]["n_poison_total"] is None and rep["deletion_set"]["size"] == len(in_case["found"])
+    prov = rep["provenance"]
+    assert prov["model"]["spec"] == "mynet_owner.py:MyNet" and len(prov["model"]["sha256"]) == 64
+    assert prov["weights"]["sha256"] and prov["data"]["train_sha256"]
+    assert prov["transform"]["mean"] == [owner_case.MEAN] and prov["triggered_test"]["target"] == owner_case.TARGET
+    # The healed weights load back into the owner's own class.
+    healed = torch.load("healed/model.pt", weights_only=True)["state_dict"]
+    owner_case.load_model_class(in_case["folder"])(num_classes=10).load_state_dict(healed)
+
+
+def test_heal_own_model_on_ray_gives_the_same_k(in_case, capsys):
+    rc = main(["heal", *owner_case.heal_args(Path(".")), "--backend", "ray", "--num-cpus", "2", "--window", "2", "--out", "healed_ray",
+               "--set", "importance_shards=2", *QUIET])
+    assert rc == 0, capsys.readouterr().err
+    rep = json.loads(Path("healed_ray/report.json").read_text())
+    assert rep["backend"] == "ray" and rep["k_star"] == direct_k_star(in_case)
+
+
+@pytest.mark.parametrize("weights", ["weights_ddp.pt", "weights.safetensors"])
+def test_prefixed_and_safetensors_weights_evaluate_like_the_bare_state_dict(in_case, weights, capsys):
+    args = [a for a in owner_case.heal_args(Path(".")) if a not in ("--identified", "identified.csv")]
+    assert main(["evaluate", *args]) == 0
+    bare = json.loads(capsys.readouterr().out)
+    args[args.index("weights.pt")] = weights
+    assert main(["evaluate", *args]) == 0
+    other = json.loads(capsys.readouterr().out)
+    assert other["clean_acc"] == bare["clean_acc"] and other["asr"] == bare["asr"] > 0.9
+    if weights.endswith("ddp.pt"):
+        assert "module." in " ".join(other["provenance"]["weights"]["notes"])
+
+
+def test_evaluate_without_triggered_test_says_ra_asr_not_measured(in_case, capsys):
+    assert main(["evaluate", "--model", "mynet_owner.py:MyNet", "--weights", "weights.pt", "--dataset", "parquet",
+                 "--data-root", "data", "--mean", "0.3", "--std", "0.4"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["ra"] is None and m["asr"] is None and "not measured" in m["note"] and m["clean_acc"] > 0.9
+
+
+@pytest.mark.parametrize("spec,kwargs", [("timm:resnet10t", {"num_classes": 3}),
+                                         ("torchvision:squeezenet1_1", {"num_classes": 3})])
+def test_timm_and_torchvision_specs_load_a_matching_state_dict(spec, kwargs, tmp_path):
+    s = parse_model_spec(spec, kwargs)
+    torch.manual_seed(1)
+    saved = s.build().state_dict()
+    torch.save(saved, tmp_path / "w.pt")
+    model = load_weights(s.build(), read_weights(tmp_path / "w.pt"), spec)
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 3)
+
+
+def _bad_cases(folder: Path) -> list[tuple[list[str], str]]:
+    (folder / "broken_owner.py").write_text("raise RuntimeError('boom at import')\n")
+    torch.save({"head.weight": torch.zeros(3, 3)}, folder / "other.pt")
+    torch.save(owner_case.load_model_class(folder)(num_classes=5).state_dict(), folder / "five.pt")
+    marker = folder / "code_ran"
+    torch.save({"w": _Payload(str(marker))}, folder / "code.pt")
+    base = owner_case.heal_args(Path("."))
+
+    def swap(flag, value):
+        out = list(base)
+        out[out.index(flag) + 1] = value
+        return out
+
+    def drop(flag):
+        out = list(base)
+        i = out.index(flag)
+        return out[:i] + out[i + 2:]
+
+    return [
+        (swap("--model", "nowhere.py:MyNet"), "does not exist"),
+        (swap("--model", "mynet_owner.py:Nope"), "has no 'Nope'"),
+        (swap("--model", "broken_owner.py:Net"), "boom at import"),
+        (swap("--model", "mynet_owner.py:make_thing")[:2] + base[4:], "not a torch nn.Module"),
+        (swap("--weights", "other.pt"), "missing"),
+        (swap("--weights", "code.pt"), "refused"),
+        (swap("--weights", "five.pt")[:2] + ["--model-args", '{"num_classes": 5}'] + swap("--weights", "five.pt")[4:],
+         "5 outputs but the data has 10 classes"),
+        (swap("--mean", "0.1,0.2,0.3"), "3 value(s) but the images have 1 channel"),
+        (drop("--target"), "--triggered-test needs --target"),
+        (drop("--triggered-test"), "--target needs --triggered-test"),
+    ]
+
+
+class _Payload:
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def test_bad_pieces_are_one_line_errors_and_write_nothing(in_case, capsys):
+    folder = in_case["folder"]
+    for args, expected in _bad_cases(folder):
+        rc = main(["heal", *args, "--out", "never", *QUIET])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and expected in err, (args, err)
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+        assert not Path("never").exists(), args
+    assert not (folder / "code_ran").exists()  # the pickled call was refused, never run
+
+
+def test_model_file_must_not_change_under_the_spec(tmp_path):
+    f = tmp_path / "changing_owner.py"
+    f.write_text(owner_case.MODEL_SOURCE)
+    spec = parse_model_spec(f"{f}:MyNet", {"num_classes": 10})
+    f.write_text(owner_case.MODEL_SOURCE + "\n# edited\n")
+    import sys
+
+    sys.modules.pop("changing_owner", None)  # a fresh worker process
+    with pytest.raises(PotionError, match="differs"):
+        spec.build()
