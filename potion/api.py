@@ -40,7 +40,7 @@ def heal_model(
     deletion,
     retain=None,
     train: Dataset | None = None,
-    method: str = "xlf_ptn",
+    method: str | None = None,
     ptn: PTNConfig | None = None,
     batch_size: int = 64,
     device: str = "cpu",
@@ -59,6 +59,10 @@ def heal_model(
     one of the same forms; with indices it defaults to ``train`` without them. The inputs
     must already be transformed as the model expects (normalised tensors).
     """
+    if method is None:  # the same default as `potion heal`
+        from potion.pipeline.configs import HealJob
+
+        method = HealJob().method
     METHODS.get(method)
     if backend not in ("local", "ray"):
         raise PotionError(f"backend must be 'local' or 'ray', got '{backend}'")

@@ -124,3 +124,31 @@ def heal_args(folder: Path, weights: str = "weights.pt") -> list[str]:
     return ["--model", "mynet_owner.py:MyNet", "--model-args", '{"num_classes": 10}', "--weights", weights,
             "--dataset", "parquet", "--data-root", "data", "--mean", str(MEAN), "--std", str(STD),
             "--identified", "identified.csv", "--triggered-test", "triggered_test.parquet", "--target", str(TARGET)]
+
+
+def _decode(path: Path) -> tuple[torch.Tensor, np.ndarray]:
+    t = pq.read_table(path)
+    imgs = [np.asarray(Image.open(io.BytesIO(r["bytes"]))) for r in t.column("image").to_pylist()]
+    x = torch.from_numpy(np.stack(imgs)[:, None]).float().div(255).sub(MEAN).div(STD)
+    return x, t.column("label").to_numpy()
+
+
+def direct_k_star(case: dict, step: float = 2.0, batch_size: int = 512) -> int:
+    """k* from the core functions alone: the owner's class, the data decoded here with PIL."""
+    from potion.unlearning.methods import HealContext, heal
+    from potion.unlearning.ptn import PTNConfig
+
+    folder = case["folder"]
+    model = load_model_class(folder)(num_classes=10)
+    model.load_state_dict(case["state"])
+    x, y = _decode(folder / "data" / "train.parquet")
+    found = case["found"]
+    retain = np.setdiff1d(np.arange(len(y)), found)
+
+    def chunks(idx):
+        return [(x[idx[i:i + batch_size]], torch.from_numpy(y[idx[i:i + batch_size]]))
+                for i in range(0, len(idx), batch_size)]
+
+    ctx = HealContext(model=model, state0=model.state_dict(), retain_batches=lambda: chunks(retain),
+                      forget_batches=chunks(found), n_forget=len(found), n_total=len(y), ptn=PTNConfig(step=step))
+    return heal("xlf_ptn", ctx).info["k_star"]

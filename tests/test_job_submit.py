@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+import owner_case
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's `ray` and `potion`
 
@@ -107,7 +109,7 @@ def test_potion_heal_as_a_ray_job_tracked_in_mlflow(tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
-    run_dir, out, db = tmp_path / "run", tmp_path / "heal", tmp_path / "mlflow.db"
+    run_dir, out, db, own_out = tmp_path / "run", tmp_path / "heal", tmp_path / "mlflow.db", tmp_path / "own_heal"
 
     train = _run([potion_bin, "train", "--dataset", "digits", "--poison", "badnet", "--poison-share", "0.02",
                   "--seed", "0", "--iterations", "100", "--out", run_dir, "--quiet"], env, tmp_path, 600)
@@ -134,6 +136,15 @@ def test_potion_heal_as_a_ray_job_tracked_in_mlflow(tmp_path):
 
         status = JobSubmissionClient(address).get_job_status(sid)
         assert status == JobStatus.SUCCEEDED, f"{status}\n{submit_output}"
+
+        # The owner's own model, from a class installed nowhere: the job's working dir is
+        # their folder, and every path is relative to it.
+        case = owner_case.build(tmp_path / "owner")
+        own = _run([ray_bin, "job", "submit", "--address", address, "--working-dir", case["folder"],
+                    "--", "potion", "heal", *owner_case.heal_args(Path(".")), "--method", "xlf_ptn", "--step", "2",
+                    "--backend", "ray", "--out", own_out, "--tracking-uri", "none", "--cache-dir", "none", "--quiet"],
+                   env, tmp_path, 900)
+        assert own.returncode == 0, own.stdout[-4000:] + own.stderr[-3000:]
     finally:
         stop_cluster(temp)
         shutil.rmtree(temp, ignore_errors=True)
@@ -156,3 +167,8 @@ def test_potion_heal_as_a_ray_job_tracked_in_mlflow(tmp_path):
         assert r.data.metrics["acc_forget"] == trace[int(r.data.metrics["k"])]["acc_forget"]
     artifacts = {f.path for f in client.list_artifacts(parent_id, "model")}
     assert "model/model.pt" in artifacts
+
+    own_report = json.loads((own_out / "report.json").read_text())
+    assert own_report["backend"] == "ray" and own_report["provenance"]["model"]["spec"] == "mynet_owner.py:MyNet"
+    assert own_report["k_star"] == owner_case.direct_k_star(case)
+    assert own_report["after"]["asr"] < 0.5 * own_report["before"]["asr"]

@@ -2,22 +2,16 @@
 weights and their Parquet data with a trigger baked in that Potion knows nothing about."""
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
-import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image
 
 import owner_case
 from potion.cli import main
 from potion.errors import PotionError
 from potion.models import load_weights, parse_model_spec, read_weights
-from potion.unlearning.methods import HealContext, heal
-from potion.unlearning.ptn import PTNConfig
 
 # step 2 (not 1.1) keeps k* small: the Ray test runs one Tune trial per step.
 QUIET = ["--quiet", "--tracking-uri", "none", "--cache-dir", "none", "--method", "xlf_ptn", "--step", "2"]
@@ -34,36 +28,19 @@ def in_case(case, monkeypatch):
     return case
 
 
-def _decode(path: Path) -> tuple[torch.Tensor, np.ndarray]:
-    t = pq.read_table(path)
-    imgs = [np.asarray(Image.open(io.BytesIO(r["bytes"]))) for r in t.column("image").to_pylist()]
-    x = torch.from_numpy(np.stack(imgs)[:, None]).float().div(255).sub(owner_case.MEAN).div(owner_case.STD)
-    return x, t.column("label").to_numpy()
-
-
-def direct_k_star(case, batch_size: int = 512) -> int:
-    """k* from the core functions alone: the owner's class, data decoded here with PIL."""
-    folder = case["folder"]
-    model = owner_case.load_model_class(folder)(num_classes=10)
-    model.load_state_dict(case["state"])
-    x, y = _decode(folder / "data" / "train.parquet")
-    found = case["found"]
-    retain = np.setdiff1d(np.arange(len(y)), found)
-
-    def chunks(idx):
-        return [(x[idx[i:i + batch_size]], torch.from_numpy(y[idx[i:i + batch_size]]))
-                for i in range(0, len(idx), batch_size)]
-
-    ctx = HealContext(model=model, state0=model.state_dict(), retain_batches=lambda: chunks(retain),
-                      forget_batches=chunks(found), n_forget=len(found), n_total=len(y), ptn=PTNConfig(step=2.0))
-    return heal("xlf_ptn", ctx).info["k_star"]
-
-
 def test_heal_own_model_local_lowers_asr_and_matches_the_core(in_case, capsys):
-    rc = main(["heal", *owner_case.heal_args(Path(".")), "--backend", "local", "--out", "healed", *QUIET])
+    db = Path("mlflow-own.db").resolve()
+    rc = main(["heal", *owner_case.heal_args(Path(".")), "--backend", "local", "--out", "healed", *QUIET,
+               "--tracking-uri", f"sqlite:///{db}"])
     assert rc == 0, capsys.readouterr().err
     rep = json.loads(Path("healed/report.json").read_text())
-    assert rep["k_star"] == direct_k_star(in_case)
+    from mlflow import MlflowClient
+
+    params = MlflowClient(f"sqlite:///{db}").get_run(rep["mlflow"]["parent_run_id"]).data.params
+    assert params["provenance.model.sha256"] == rep["provenance"]["model"]["sha256"]
+    assert params["provenance.weights.sha256"] == rep["provenance"]["weights"]["sha256"]
+    assert params["provenance.transform.std"] == str([owner_case.STD])
+    assert rep["k_star"] == owner_case.direct_k_star(in_case)
     # The X trigger works on θ0 and mostly stops working after healing.
     assert rep["before"]["asr"] > 0.9 and rep["after"]["asr"] < 0.5 * rep["before"]["asr"]
     assert rep["after"]["clean_acc"] > rep["before"]["clean_acc"] - 0.05
@@ -83,7 +60,7 @@ def test_heal_own_model_on_ray_gives_the_same_k(in_case, capsys):
                "--set", "importance_shards=2", *QUIET])
     assert rc == 0, capsys.readouterr().err
     rep = json.loads(Path("healed_ray/report.json").read_text())
-    assert rep["backend"] == "ray" and rep["k_star"] == direct_k_star(in_case)
+    assert rep["backend"] == "ray" and rep["k_star"] == owner_case.direct_k_star(in_case)
 
 
 @pytest.mark.parametrize("weights", ["weights_ddp.pt", "weights.safetensors"])

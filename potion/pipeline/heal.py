@@ -118,9 +118,9 @@ def make_importance_fn(inputs: HealInputs, job: HealJob, state0: dict, deletion:
         if job.backend == "ray" and which == "retain":
             from potion.pipeline.ray_importances import sharded_importances
 
-            state_np = {k: v.detach().cpu().numpy() for k, v in state0.items()}
+            state_cpu = {k: v.detach().cpu() for k, v in state0.items()}
             imp = sharded_importances(
-                functools.partial(model_at, inputs.spec, state_np), inputs.train_view_factory,
+                functools.partial(model_at, inputs.spec, state_cpu), inputs.train_view_factory,
                 retain, estimator, p, job.importance_batch_size, job.importance_shards or None,
                 # the job's own device: "auto" lets shards ask for GPUs that a CPU head lacks
                 device=job.device, augment=job.importance_augment,

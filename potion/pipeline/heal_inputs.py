@@ -72,10 +72,10 @@ def measure(model: nn.Module, inputs: HealInputs, batch_size: int, device: str) 
     return attack_metrics(model, inputs.clean_test, inputs.triggered_test, inputs.target, batch_size, device)
 
 
-def model_at(spec: ModelSpec, state: dict[str, np.ndarray]) -> nn.Module:
-    """``spec``'s model at the given weights (numpy, so Ray ships it zero-copy)."""
+def model_at(spec: ModelSpec, state: dict[str, torch.Tensor]) -> nn.Module:
+    """``spec``'s model at the given weights (what a Ray shard rebuilds)."""
     model = spec.build()
-    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
+    model.load_state_dict(state)
     return model.eval()
 
 
