@@ -157,3 +157,18 @@ def test_model_file_must_not_change_under_the_spec(tmp_path):
     sys.modules.pop("changing_owner", None)  # a fresh worker process
     with pytest.raises(PotionError, match="differs"):
         spec.build()
+
+
+def test_importance_cache_key_records_the_transform(in_case, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    args = [*owner_case.heal_args(Path(".")), "--backend", "local", *QUIET, "--cache-dir", str(cache)]
+    entries = lambda: sorted(p.name for p in cache.glob("*.safetensors"))  # noqa: E731
+    assert main(["heal", *args, "--out", str(tmp_path / "a")]) == 0, capsys.readouterr().err
+    first = entries()
+    assert len(first) == 2  # forget and retain
+    assert main(["heal", *args, "--out", str(tmp_path / "b")]) == 0
+    assert entries() == first  # same model, data and transform: both hit
+    other = list(args)
+    other[other.index("--mean") + 1] = "0.31"
+    assert main(["heal", *other, "--out", str(tmp_path / "c")]) == 0
+    assert len(entries()) == 4  # another transform is other data to the model
