@@ -24,3 +24,30 @@ def test_readme_heal_model_example_runs_and_heals(tmp_path, monkeypatch):
     assert ns["asr_before"] > 0.9 and ns["asr_after"] < 0.5 * ns["asr_before"]
     assert ns["acc_after"] > ns["acc_before"] - 0.05
     assert (tmp_path / "healed_state.pt").is_file()
+
+
+def test_heal_model_takes_datasets_loaders_and_batches_alike():
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import potion
+    from potion.unlearning.ptn import PTNConfig
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.randn(200, 1, 4, 4)
+    with torch.no_grad():
+        y = net(x).argmax(1)  # the model's own labels: it gets the deletion set right at θ0
+    theta0 = {k: v.clone() for k, v in net.state_dict().items()}
+    forget, retain = TensorDataset(x[:10], y[:10]), TensorDataset(x[10:], y[10:])
+    cfg = PTNConfig(step=1.5)
+    k = []
+    for deletion, kept in [(forget, retain),
+                           (DataLoader(forget, batch_size=64), DataLoader(retain, batch_size=64)),
+                           ([(x[:10], y[:10])], [(x[10:74], y[10:74]), (x[74:138], y[74:138]), (x[138:], y[138:])])]:
+        net.load_state_dict(theta0)
+        out = potion.heal_model(net, deletion=deletion, retain=kept, ptn=cfg, method="xlf_ptn")
+        assert out.report["n_forget"] == 10 and out.report["n_total"] == 200
+        k.append(out.report["k_star"])
+    assert k[0] == k[1] == k[2] and isinstance(k[0], int)
