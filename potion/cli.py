@@ -70,9 +70,9 @@ def _add_owner_flags(p: argparse.ArgumentParser) -> None:
                                      "a Potion checkpoint, or a dict with 'state_dict'/'model'")
     g.add_argument("--dataset", help="parquet, imagefolder, cifar10, cifar100 (used as stored: no trigger added)")
     g.add_argument("--data-root", help="folder of the dataset")
-    g.add_argument("--mean", type=_floats, help="per-channel mean the model expects, e.g. 0.1307 or 0.485,0.456,0.406 "
+    g.add_argument("--mean", type=_floats, nargs="+", help="per-channel mean the model expects, e.g. 0.1307 or 0.485,0.456,0.406 "
                                               "(default 0: no normalisation)")
-    g.add_argument("--std", type=_floats, help="per-channel std (default 1)")
+    g.add_argument("--std", type=_floats, nargs="+", help="per-channel std (default 1)")
     g.add_argument("--image-size", type=int, help="resize images to this size (default: as stored)")
     g.add_argument("--triggered-test", help="Parquet of test images carrying your trigger, true labels (needs --target)")
     g.add_argument("--target", type=int, help="the attack's target class (needs --triggered-test)")
@@ -83,6 +83,11 @@ def _floats(text: str) -> list[float]:
         return [float(v) for v in text.replace(",", " ").split()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got '{text}'") from None
+
+
+def _flat_floats(groups: list[list[float]] | None) -> list[float] | None:
+    # --mean 0.485 0.456 0.406 and --mean 0.485,0.456,0.406 mean the same
+    return None if groups is None else [v for g in groups for v in g]
 
 
 def source_from_args(args):
@@ -109,7 +114,7 @@ def source_from_args(args):
             raise PotionError("--model-args must be a JSON object, e.g. '{\"num_classes\": 10}'")
     data_args = {"root": args.data_root} if args.data_root is not None else {}
     return OwnerSource(model=args.model, weights=args.weights, dataset=args.dataset, data_args=data_args,
-                       model_args=model_args, mean=args.mean, std=args.std, image_size=args.image_size,
+                       model_args=model_args, mean=_flat_floats(args.mean), std=_flat_floats(args.std), image_size=args.image_size,
                        triggered_test=args.triggered_test, target=args.target)
 
 
