@@ -21,8 +21,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# No Ray cluster, no end-to-end pipeline runs (see the markers in pyproject.toml).
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not ray"
 
 clean:
 	rm -rf runs .pytest_cache

@@ -27,3 +27,11 @@ def _isolated_caches(tmp_path_factory, monkeypatch):
     cache = tmp_path_factory.getbasetemp() / "potion-cache"
     monkeypatch.setenv("POTION_CACHE", str(cache))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path_factory.getbasetemp() / 'mlflow-default.db'}")
+
+
+def pytest_collection_modifyitems(items):
+    """A test that takes the ``ray_local`` fixture starts a Ray cluster: mark it ``ray`` so
+    that ``-m "not ray"`` (``make test-fast``) never starts one, however the test is written."""
+    for item in items:
+        if "ray_local" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)

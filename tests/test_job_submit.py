@@ -28,6 +28,7 @@ BIN = Path(sys.executable).parent  # the venv's `ray` and `potion`
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.ray,
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="stops its cluster through /proc"),
 ]
 

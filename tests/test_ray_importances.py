@@ -91,7 +91,24 @@ def test_auth_mode_is_made_explicit_but_never_overridden(monkeypatch, tmp_path):
     assert ray_runtime.set_auth_mode(joining=False) == "token"
 
 
+def test_local_instance_asks_the_kernel_for_the_dashboard_agent_port():
+    """ray.init has no argument for it; Ray's fixed default (52365) breaks a second instance."""
+    from ray._private import parameter
+
+    assert parameter.RayParams().dashboard_agent_listen_port == 52365  # Ray's own default
+    with ray_runtime._kernel_chosen_agent_port():
+        assert parameter.RayParams().dashboard_agent_listen_port == 0
+        assert parameter.RayParams(dashboard_agent_listen_port=4242).dashboard_agent_listen_port == 4242
+    assert parameter.RayParams().dashboard_agent_listen_port == 52365  # restored
+
+
 # ---------------------------------------------------------------- with Ray
+def test_local_instance_runs_its_dashboard_agent_on_a_free_port(ray_local):
+    node = ray._private.worker.global_worker.node
+    # -1: the agent could not bind its HTTP port (what a second instance on 52365 reports).
+    assert node.dashboard_agent_listen_port > 0
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     ray_runtime.connect(None, num_cpus=2)
