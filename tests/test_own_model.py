@@ -56,6 +56,7 @@ def test_heal_own_model_local_lowers_asr_and_matches_the_core(in_case, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_heal_own_model_on_ray_gives_the_same_k(in_case, capsys):
     rc = main(["heal", *owner_case.heal_args(Path(".")), "--backend", "ray", "--num-cpus", "2", "--window", "2", "--out", "healed_ray",
                "--set", "importance_shards=2", *QUIET])
