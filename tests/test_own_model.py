@@ -174,3 +174,19 @@ def test_importance_cache_key_records_the_transform(in_case, tmp_path, capsys):
     other[other.index("--mean") + 1] = "0.31"
     assert main(["heal", *other, "--out", str(tmp_path / "c")]) == 0
     assert len(entries()) == 4  # another transform is other data to the model
+
+
+def test_image_size_resizes_the_stored_images(in_case, capsys):
+    from potion.datasets.stored import stored_view
+    from potion.pipeline.heal_inputs import OwnerSource
+
+    source = OwnerSource(model="mynet_owner.py:MyNet", weights="weights.pt", dataset="parquet",
+                         data_args={"root": "data"}, mean=[0.3], std=[0.4], image_size=32)
+    with pytest.raises(PotionError, match=r"\(1, 32, 32\).*--image-size"):
+        source.load()  # MyNet's head is sized for 16 px: a clear error, not a shape traceback
+    import numpy as np
+    from potion.datasets.base import ArraySource
+
+    src = ArraySource(torch.full((2, 1, 16, 16), 200, dtype=torch.uint8), np.array([0, 1]), ["a", "b"])
+    x, _ = next(stored_view(src, [0.0], [1.0], image_size=8).batches(2))
+    assert x.shape == (2, 1, 8, 8) and torch.allclose(x, torch.full_like(x, 200 / 255))
