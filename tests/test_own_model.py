@@ -50,11 +50,20 @@ def test_heal_own_model_local_lowers_asr_and_matches_the_core(in_case, capsys):
     assert prov["model"]["spec"] == "mynet_owner.py:MyNet" and len(prov["model"]["sha256"]) == 64
     assert prov["weights"]["sha256"] and prov["data"]["train_sha256"]
     assert prov["transform"]["mean"] == [owner_case.MEAN] and prov["triggered_test"]["target"] == owner_case.TARGET
-    # The healed weights load back into the owner's own class.
+    # The healed weights load back into the owner's own class, and `--weights OUT/model.pt`
+    # (a Potion checkpoint) measures the healed model.
     healed = torch.load("healed/model.pt", weights_only=True)["state_dict"]
     owner_case.load_model_class(in_case["folder"])(num_classes=10).load_state_dict(healed)
+    args = [a for a in owner_case.heal_args(Path(".")) if a not in ("--identified", "identified.csv")]
+    args[args.index("weights.pt")] = "healed/model.pt"
+    capsys.readouterr()
+    assert main(["evaluate", *args]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["asr"] == rep["after"]["asr"] and again["provenance"]["weights"]["layout"] == "potion-checkpoint"
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_heal_own_model_on_ray_gives_the_same_k(in_case, capsys):
     rc = main(["heal", *owner_case.heal_args(Path(".")), "--backend", "ray", "--num-cpus", "2", "--window", "2", "--out", "healed_ray",
                "--set", "importance_shards=2", *QUIET])
@@ -172,3 +181,40 @@ def test_importance_cache_key_records_the_transform(in_case, tmp_path, capsys):
     other[other.index("--mean") + 1] = "0.31"
     assert main(["heal", *other, "--out", str(tmp_path / "c")]) == 0
     assert len(entries()) == 4  # another transform is other data to the model
+
+
+def test_image_size_resizes_the_stored_images(in_case, capsys):
+    from potion.datasets.stored import stored_view
+    from potion.pipeline.heal_inputs import OwnerSource
+
+    source = OwnerSource(model="mynet_owner.py:MyNet", weights="weights.pt", dataset="parquet",
+                         data_args={"root": "data"}, mean=[0.3], std=[0.4], image_size=32)
+    with pytest.raises(PotionError, match=r"\(1, 32, 32\).*--image-size"):
+        source.load()  # MyNet's head is sized for 16 px: a clear error, not a shape traceback
+    import numpy as np
+    from potion.datasets.base import ArraySource
+
+    src = ArraySource(torch.full((2, 1, 16, 16), 200, dtype=torch.uint8), np.array([0, 1]), ["a", "b"])
+    x, _ = next(stored_view(src, [0.0], [1.0], image_size=8).batches(2))
+    assert x.shape == (2, 1, 8, 8) and torch.allclose(x, torch.full_like(x, 200 / 255))
+
+
+def test_a_worker_without_the_file_imports_the_shipped_module(tmp_path, monkeypatch):
+    """What Ray's py_modules gives a worker on another machine: the module by its stem."""
+    import shutil
+    import sys
+
+    here, shipped = tmp_path / "driver", tmp_path / "shipped"
+    here.mkdir()
+    shipped.mkdir()
+    (here / "shipped_owner.py").write_text(owner_case.MODEL_SOURCE)
+    spec = parse_model_spec(f"{here / 'shipped_owner.py'}:MyNet", {"num_classes": 4})
+    shutil.move(here / "shipped_owner.py", shipped / "shipped_owner.py")
+    monkeypatch.syspath_prepend(str(shipped))
+    sys.modules.pop("shipped_owner", None)
+    assert spec.build()(torch.zeros(1, 1, 16, 16)).shape == (1, 4)
+    sys.modules.pop("shipped_owner", None)
+    (shipped / "shipped_owner.py").write_text(owner_case.MODEL_SOURCE.replace("width=16", "width=8"))
+    with pytest.raises(PotionError, match="not the model file"):
+        spec.build()
+    sys.modules.pop("shipped_owner", None)
