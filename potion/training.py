@@ -13,9 +13,8 @@ from typing import Callable, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
-
 from potion.errors import PotionError
+from potion.progress import progress_bar
 
 
 @dataclass
@@ -99,7 +98,7 @@ def train_model(
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
 
     step, epoch, log_every = 0, 0, 25
-    bar = tqdm(total=recipe.iterations, desc="train", unit="it", disable=not progress, leave=False)
+    bar = progress_bar(total=recipe.iterations, desc="train", unit="it", enabled=progress)
     try:
         while step < recipe.iterations:
             seen = 0

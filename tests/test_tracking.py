@@ -10,8 +10,15 @@ import torch
 from potion.errors import PotionError
 from potion.models import create_model, load_checkpoint, save_checkpoint
 from potion.pipeline.tracking import (
+    CURVE_PREFIX,
+    EXPERIMENT_KIND,
+    EXPERIMENT_KIND_TAG,
     PLOT_FILE,
     SearchTracker,
+    child_run_name,
+    curve_fields,
+    tradeoff_figure,
+    ui_command,
     check_tracking,
     default_artifact_root,
     default_tracking_uri,
@@ -112,9 +119,16 @@ def test_parent_children_curve_and_artifacts(store, tmp_path):
     assert p.info.status == "FINISHED"
     assert p.data.params["heal.ptn.rho"] == "0.2" and p.data.params["method"] == "xlf_ptn"
     assert p.data.metrics["after_ra"] == 0.9 and "note" not in p.data.metrics
-    assert (p.data.metrics["k_star"], p.data.metrics["s_star"], p.data.metrics["alpha_star"]) == (3, trace[3].s, 2.5)
+    # the parent's plain metrics are the chosen step's (k* = 3), not the last step tried
+    chosen = trace[3]
+    assert p.data.metrics["k_star"] == 3 and p.data.metrics["threshold"] == 0.18
+    for key in ("s", "alpha", "lam", "n_selected", "acc_forget", "acc_val"):
+        assert p.data.metrics[key] == getattr(chosen, key), key
     children = sorted(by_id.values(), key=lambda r: int(r.data.params["k"]))
     assert [r.data.tags["mlflow.parentRunId"] for r in children] == [parent] * 5
+    assert [r.info.run_name for r in children] == ["k=000", "k=001", "k=002", "k=003", "k=004"]
+    exp = _client(uri).get_experiment_by_name("exp-local")
+    assert exp.tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND  # the UI's model-training view
     for r, step in zip(children, trace):
         assert r.info.status == "FINISHED"
         assert r.data.metrics["acc_forget"] == step.acc_forget
@@ -123,10 +137,11 @@ def test_parent_children_curve_and_artifacts(store, tmp_path):
 
     c = _client(uri)
     # the curve: one point per k (not two: log_curve was called twice), stepped by k
-    hist = c.get_metric_history(parent, "acc_forget")
+    hist = c.get_metric_history(parent, CURVE_PREFIX + "acc_forget")
     assert sorted((m.step, m.value) for m in hist) == [(s.k, s.acc_forget) for s in trace]
     for key in ("s", "alpha", "n_selected", "acc_val"):
-        assert len(c.get_metric_history(parent, key)) == 5
+        assert len(c.get_metric_history(parent, CURVE_PREFIX + key)) == 5
+        assert len(c.get_metric_history(parent, key)) == 1  # the chosen step only
 
     arts = {f.path for f in c.list_artifacts(parent, "model")} | {f.path for f in c.list_artifacts(parent, "outputs")}
     assert arts == {"model/model.pt", "outputs/report.json"}
@@ -186,3 +201,79 @@ def test_missing_artifact_is_an_error(store, tmp_path):
         with pytest.raises(PotionError, match="does not exist"):
             tr.log_files([tmp_path / "nope.json"])
     assert _runs(uri, "exp-missing")[0].info.status == "FINISHED"
+
+
+def test_healed_model_is_an_mlflow_model_that_loads_and_scores_the_same(store, tmp_path):
+    import mlflow.pytorch
+
+    uri, _ = store
+    torch.manual_seed(0)
+    model = create_model("small_cnn", num_classes=3, in_channels=1, image_size=8, width=4).eval()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 1, 8, 8, generator=g), torch.randint(0, 3, (64,), generator=g)
+    with SearchTracker(uri, "exp-model", run_name="r") as tr:
+        model_id = tr.log_pytorch_model(model, x[:4], registered_name="potion-test-healed")
+        tr.log_metrics({"after_clean_acc": 0.5}, model_id=model_id)
+        parent = tr.parent_run_id
+    c = _client(uri)
+    logged = c.get_logged_model(model_id)
+    assert logged.source_run_id == parent and logged.name == "healed_model"
+    assert [m.key for m in logged.metrics] == ["after_clean_acc"]  # shown in the "Logged models" table
+    assert c.get_registered_model("potion-test-healed").name == "potion-test-healed"
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    (tmp_path / "dl").mkdir()
+    with _use_tracking_uri(uri):
+        back = mlflow.pytorch.load_model(f"models:/{model_id}", dst_path=str(tmp_path / "dl"))
+    with torch.no_grad():
+        assert torch.equal(model(x), back(x))
+        assert (model(x).argmax(1) == y).sum() == (back(x).argmax(1) == y).sum()
+
+
+def test_tune_children_are_named_by_k_and_carry_only_step_fields(store):
+    uri, _ = store
+
+    class Trial:  # what the callback reads of a Tune trial
+        config = {"k": 7}
+        local_path = None
+
+        def __str__(self):
+            return "ptn_trial_299a61f0"
+
+    step = _trace()[2].to_dict()
+    result = {**step, "timestamp": 1.7e9, "done": False, "pid": 1234, "time_this_iter_s": 0.01,
+              "training_iteration": 1, "config": {"k": 7}, "hostname": "box", "trial_id": "299a61f0"}
+    with SearchTracker(uri, "exp-tune", run_name="r") as tr:
+        cb = tr.tune_callback()
+        cb.setup()
+        trial = Trial()
+        cb.log_trial_start(trial)
+        cb.log_trial_result(1, trial, result)
+        cb.log_trial_end(trial)
+        parent = tr.parent_run_id
+    child = [r for r in _runs(uri, "exp-tune") if r.info.run_id != parent][0]
+    assert child.info.run_name == "k=007" == child_run_name(7)
+    assert set(child.data.metrics) == {k for k, v in step.items() if v is not None}
+    assert child.data.metrics["acc_forget"] == step["acc_forget"] and child.data.params["k"] == "7"
+
+
+def test_tradeoff_plot_is_titled_marks_k_star_and_threshold_and_names_s_honestly():
+    steps = [dict(s.to_dict(), acc_proxy=0.9 - 0.05 * s.k) for s in _trace()]  # a field added later
+    fig = tradeoff_figure(steps, threshold=0.18, k_star=3)
+    ax = fig.axes[0]
+    assert "k* = 3" in ax.get_title()
+    labels = [line.get_label() for line in ax.get_lines()]
+    assert any(lbl.startswith("threshold") for lbl in labels) and any(lbl.startswith("k* = 3") for lbl in labels)
+    assert "share" not in ax.get_xlabel() and "s_k" in ax.get_xlabel()
+    assert curve_fields(steps) == ["acc_forget", "acc_val", "acc_proxy"]
+    assert curve_fields([s.to_dict() for s in _trace(with_val=False)]) == ["acc_forget"]
+
+
+def test_printed_mlflow_command_names_an_executable_that_exists(tmp_path):
+    import os
+    import shlex
+
+    command, url = ui_command(f"sqlite:///{tmp_path / 'mlflow.db'}", "1", "abc")
+    exe = shlex.split(command)[0]
+    assert os.path.isabs(exe) and os.path.isfile(exe) and os.access(exe, os.X_OK), command
+    assert url == "http://127.0.0.1:5000/#/experiments/1/runs/abc?workflowType=machine_learning"

@@ -74,3 +74,4 @@ class HealJob:
     # MLflow
     tracking_uri: str | None = None
     experiment: str = "potion-heal"
+    register_model: str | None = None  # also register the healed model under this name

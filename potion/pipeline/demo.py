@@ -13,6 +13,7 @@ from potion.io import check_output_dir
 from potion.pipeline.configs import HealJob, TrainJob
 from potion.pipeline.heal import run_heal
 from potion.pipeline.report import format_table, METRIC_COLUMNS, heal_rows
+from potion.pipeline.tracking import ui_command
 from potion.pipeline.train import run_train
 
 
@@ -37,5 +38,7 @@ def run_demo(out: str | Path = "runs/demo", *, overwrite: bool = False, smoke: b
     print(f"\nk*={report['k_star']}  alpha={report['alpha']:.4g}  PTN evaluations={len(report['trace'])}"
           f"  total {time.perf_counter() - t0:.0f} s")
     print(f"healed model: {out / 'heal' / 'model.pt'}")
-    print(f"MLflow UI:    mlflow ui --backend-store-uri sqlite:///{db} --port 5000   (then open http://127.0.0.1:5000)")
+    mlf = report.get("mlflow") or {}
+    command, url = ui_command(f"sqlite:///{db}", mlf.get("experiment_id"), mlf.get("parent_run_id"))
+    print(f"MLflow UI:    {command}\n      then open {url}")
     return report

@@ -25,9 +25,10 @@ from potion.metrics import accuracy, model_damage, poison_healed
 from potion.models import save_checkpoint
 from potion.pipeline.configs import HealJob
 from potion.pipeline.heal_inputs import HealInputs, OwnerSource, RunSource, measure, model_at
+from potion.pipeline.report import before_after_metrics
 from potion.pipeline.runs import MODEL_FILE, resolve_device
 from potion.unlearning.cache import ImportanceCache, hash_arrays
-from potion.unlearning.methods import METHODS, HealContext, HealResult, heal
+from potion.unlearning.methods import METHODS, HealContext, HealResult, heal, importance_label
 from potion.unlearning.ptn import NothingToHeal, PTNNoCrossing
 
 REPORT_FILE = "report.json"
@@ -115,6 +116,7 @@ def make_importance_fn(inputs: HealInputs, job: HealJob, state0: dict, deletion:
             hit = cache.get(key)
             if hit is not None:
                 return hit
+        label = importance_label(estimator, which)
         if job.backend == "ray" and which == "retain":
             from potion.pipeline.ray_importances import sharded_importances
 
@@ -123,10 +125,12 @@ def make_importance_fn(inputs: HealInputs, job: HealJob, state0: dict, deletion:
                 functools.partial(model_at, inputs.spec, state_cpu), inputs.train_view_factory,
                 retain, estimator, p, job.importance_batch_size, job.importance_shards or None,
                 # the job's own device: "auto" lets shards ask for GPUs that a CPU head lacks
-                device=job.device, augment=job.importance_augment,
+                device=job.device, augment=job.importance_augment, progress=progress, desc=label,
             )
         else:
-            imp = compute_importances(inputs.model, batches_fn(), estimator, p=p, device=device, progress=progress)
+            n = len(deletion) if which == "forget" else len(retain)
+            imp = compute_importances(inputs.model, batches_fn(), estimator, p=p, device=device, progress=progress,
+                                      total=-(-n // job.importance_batch_size), desc=label)
         if cache is not None:
             cache.put(key, imp)
         return imp
@@ -236,7 +240,7 @@ def _heal(inputs: HealInputs, job: HealJob, out: Path, share, count, identified,
             ctx.search = make_ray_search(
                 model_factory=inputs.spec.build,
                 gpus_per_trial=job.gpus_per_trial, storage_path=str(out.resolve() / "ray_results"),
-                callbacks=callbacks,
+                callbacks=callbacks, progress=progress,
             )
         try:
             result = heal(job.method, ctx)
@@ -257,10 +261,11 @@ def _heal(inputs: HealInputs, job: HealJob, out: Path, share, count, identified,
                 tracker.log_children(trace)
             tracker.log_curve(trace, threshold=result.info.get("threshold"), k_star=result.info.get("k_star"))
             report["mlflow"] = {"tracking_uri": tracking_uri, "parent_run_id": tracker.parent_run_id,
-                                "experiment": job.experiment}
+                                "experiment": job.experiment, "experiment_id": tracker.experiment_id}
         _write_outputs(out, healed, inputs, deletion, report, overwrite)
         if tracker:
-            tracker.log_metrics({f"after_{k}": v for k, v in after.items() if isinstance(v, (int, float))})
+            model_id = tracker.log_pytorch_model(healed, forget_batches[0][0], registered_name=job.register_model)
+            tracker.log_metrics(before_after_metrics(report), model_id=model_id)
             tracker.log_model(out / MODEL_FILE)
             tracker.log_files([out / REPORT_FILE, out / DELETION_FILE, *inputs.extra_files])
     return report

@@ -59,6 +59,8 @@ def sharded_importances(
     num_cpus: float = 1.0,
     augment: bool = False,
     seed: int = 0,
+    progress: bool = False,
+    desc: str = "importances (Ray shards)",
 ) -> dict[str, torch.Tensor]:
     """``compute_importances`` over ``view_factory().subset(positions)`` in Ray tasks.
 
@@ -98,13 +100,31 @@ def sharded_importances(
         for a, b in bounds
     ]
     try:
-        parts = ray.get(refs)
+        parts = _gather(refs, [b - a for a, b in bounds], n_batches, progress, desc)
     except ray.exceptions.RayTaskError as e:
         cause = e.cause if isinstance(getattr(e, "cause", None), PotionError) else None
         if cause is not None:
             raise PotionError(str(cause)) from None
         raise
     return combine_sums(parts, n_batches)
+
+
+def _gather(refs: list, sizes: list[int], n_batches: int, progress: bool, desc: str) -> list:
+    """``ray.get(refs)`` in shard order, moving the bar as each shard finishes."""
+    import ray
+
+    from potion.progress import progress_bar
+
+    size_of = {ref: n for ref, n in zip(refs, sizes)}
+    waiting, done = list(refs), 0
+    with progress_bar(total=n_batches, desc=f"{desc}, {len(refs)} shards", unit="batch", enabled=progress) as bar:
+        while waiting:
+            ready, waiting = ray.wait(waiting, num_returns=1)
+            ray.get(ready)  # a failed shard raises here, at once
+            done += 1
+            bar.set_postfix_str(f"shards done {done}/{len(refs)}", refresh=False)
+            bar.update(size_of[ready[0]])
+    return ray.get(refs)
 
 
 def combine_sums(parts: Sequence[tuple[dict[str, np.ndarray], int]], n_batches: int) -> dict[str, torch.Tensor]:

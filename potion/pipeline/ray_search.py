@@ -40,9 +40,12 @@ from potion.unlearning.ptn import (
     StepEvaluator,
     StepResult,
     crossing_threshold,
+    describe_step,
     no_crossing,
+    search_label,
     smallest_crossing,
 )
+from potion.progress import progress_bar
 
 METRICS = ("k", "s", "alpha", "lam", "n_selected", "acc_forget", "acc_val")
 
@@ -181,8 +184,10 @@ def ptn_trial(config: dict, payload: SearchPayload) -> None:
 class PTNSearcher(Searcher):
     """Proposes PTN steps k; see the module docstring for the two strategies."""
 
-    def __init__(self, threshold: float, max_steps: int, window: int, strategy: str = "waves"):
+    def __init__(self, threshold: float, max_steps: int, window: int, strategy: str = "waves",
+                 on_result: Callable[[StepResult], None] | None = None):
         super().__init__(metric="acc_forget", mode="min")
+        self.on_result = on_result  # called on the driver as each step's result arrives
         if strategy not in ("linear", "waves", "bisect"):
             raise PotionError(f"unknown PTN strategy '{strategy}'; use linear, waves or bisect")
         if window < 1:
@@ -222,6 +227,8 @@ class PTNSearcher(Searcher):
             self.failed = f"the trial for k={k} failed"
             return
         self.results[k] = result_from_metrics(result)
+        if self.on_result is not None:
+            self.on_result(self.results[k])
 
     # -- helpers ------------------------------------------------------------------
     def crossing(self) -> StepResult | None:
@@ -302,6 +309,7 @@ def ray_ptn_search(
     storage_path: str | os.PathLike | None = None,
     callbacks: Sequence = (),
     evaluator: StepEvaluator | None = None,
+    progress: bool = False,
 ) -> PTNResult:
     """PTN over Ray Tune; returns the same :class:`PTNResult` as ``ptn_search``.
 
@@ -321,7 +329,13 @@ def ray_ptn_search(
     evaluator = evaluator or build_evaluator(payload, "cpu")
     threshold = crossing_threshold(evaluator, cfg)
     acc0 = float(evaluator.acc0)
-    searcher = PTNSearcher(threshold, cfg.max_steps, window, strategy)
+    bar = progress_bar(desc=f"{search_label(strategy)} on Ray, {window} in flight", unit="step", enabled=progress)
+
+    def on_result(r: StepResult) -> None:
+        bar.set_postfix_str(describe_step(r, threshold), refresh=False)
+        bar.update(1)
+
+    searcher = PTNSearcher(threshold, cfg.max_steps, window, strategy, on_result=on_result)
     if payload.config != cfg:
         payload = dataclasses.replace(payload, config=cfg)
     storage = os.path.abspath(storage_path or tempfile.mkdtemp(prefix="potion-ray-results-"))
@@ -339,7 +353,8 @@ def ray_ptn_search(
             failure_config=tune.FailureConfig(fail_fast=True),
         ),
     )
-    grid = tuner.fit()
+    with bar:
+        grid = tuner.fit()
     if grid.errors:
         err = grid.errors[0]
         raise PotionError(f"a PTN trial failed on the Ray cluster: {type(err).__name__}: {_short(err)}")
@@ -380,6 +395,7 @@ def make_ray_search(
     resources: Mapping[str, float] | None = None,
     storage_path: str | os.PathLike | None = None,
     callbacks: Sequence = (),
+    progress: bool = False,
 ) -> Callable[[StepEvaluator, PTNConfig | None], PTNResult]:
     """A drop-in for ``ptn_search(evaluator, config)`` (``HealContext.search``) that runs
     the steps as Ray Tune trials on the connected cluster."""
@@ -391,7 +407,7 @@ def make_ray_search(
         return ray_ptn_search(
             payload, cfg, window=window, strategy=strategy,
             resources=resources or trial_resources(gpus_per_trial, cpus_per_trial),
-            storage_path=storage_path, callbacks=callbacks, evaluator=evaluator,
+            storage_path=storage_path, callbacks=callbacks, evaluator=evaluator, progress=progress,
         )
 
     return search

@@ -38,3 +38,14 @@ def heal_table(report: dict) -> str:
             f"{of}; k*={report.get('k_star')} alpha={fmt(report.get('alpha'))}")
     note = report["before"].get("note")
     return head + "\n" + format_table(heal_rows(report), METRIC_COLUMNS) + (f"\n{note}" if note else "")
+
+
+def before_after_metrics(report: dict) -> dict[str, float]:
+    """``before_<m>`` and ``after_<m>`` for every column of the before/after table: the
+    numbers an MLflow parent run carries."""
+    out = {}
+    for row, prefix in zip(heal_rows(report), ("before_", "after_")):
+        for key in METRIC_COLUMNS[1:]:
+            if isinstance(row.get(key), (int, float)):
+                out[prefix + key] = float(row[key])
+    return out

@@ -11,8 +11,12 @@ them, but it need not be: the Tune callback writes every child run from the driv
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
+import shlex
 import sqlite3
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -23,9 +27,54 @@ from urllib.parse import urlparse
 from potion.errors import PotionError
 
 CHECK_TIMEOUT_S = 5.0
-CURVE_KEYS = ("s", "alpha", "n_selected", "acc_forget", "acc_val")
-CHILD_KEYS = ("k", "s", "alpha", "lam", "n_selected", "acc_forget", "acc_val")
+CURVE_PREFIX = "curve/"  # the trade-off curve on the parent run, stepped by k
 PLOT_FILE = "plots/ptn_tradeoff.png"
+MODEL_NAME = "healed_model"  # the mlflow.pytorch model's name (shown under "Logged models")
+# MLflow 3's UI opens an experiment in its GenAI view unless told otherwise: the experiment
+# tag below is what the UI sets when a user picks "Model training", and the URL parameter
+# is what the 3.x UI reads first (ui_url adds it).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+UI_VIEW_QUERY = "workflowType=machine_learning"
+
+
+def step_fields() -> tuple[str, ...]:
+    """The fields of a PTN step, as MLflow metrics: whatever StepResult holds today."""
+    from potion.unlearning.ptn import StepResult
+
+    return tuple(f.name for f in dataclasses.fields(StepResult))
+
+
+def child_run_name(k: int) -> str:
+    """``k=043``: sorts in k order in the UI's run list."""
+    return f"k={int(k):03d}"
+
+
+def mlflow_executable() -> list[str]:
+    """The ``mlflow`` of the interpreter running Potion, by absolute path: it works in a
+    fresh shell where the venv is not activated (a bare ``mlflow`` does not)."""
+    script = Path(sys.executable).parent / "mlflow"
+    if script.is_file() and os.access(script, os.X_OK):
+        return [str(script)]
+    return [sys.executable, "-m", "mlflow"]
+
+
+def ui_command(uri: str, experiment_id: str | None = None, run_id: str | None = None,
+               port: int = 5000) -> tuple[str, str]:
+    """(shell command that serves the MLflow UI on ``uri``, the link to open)."""
+    args = [*mlflow_executable(), "ui", "--backend-store-uri", uri, "--port", str(port)]
+    return " ".join(shlex.quote(a) for a in args), ui_url(f"http://127.0.0.1:{port}", experiment_id, run_id)
+
+
+def ui_url(base: str, experiment_id: str | None = None, run_id: str | None = None) -> str:
+    """A link into the MLflow UI that opens in the model-training view."""
+    base = base.rstrip("/")
+    if experiment_id is None:
+        return f"{base}/#/experiments?{UI_VIEW_QUERY}"
+    page = f"{base}/#/experiments/{experiment_id}"
+    if run_id is not None:
+        page += f"/runs/{run_id}"
+    return f"{page}?{UI_VIEW_QUERY}"
 
 
 def default_tracking_uri(out: str | Path) -> str:
@@ -179,6 +228,8 @@ class SearchTracker:
             self.experiment_id = self.client.create_experiment(self.experiment, artifact_location=location)
         else:
             self.experiment_id = exp.experiment_id
+        if exp is None or EXPERIMENT_KIND_TAG not in exp.tags:  # a user's own choice stays
+            self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         run = self.client.create_run(self.experiment_id, run_name=self.run_name, tags=self.tags)
         self.parent_run_id = run.info.run_id
         self._log_params(self.parent_run_id, self.params)
@@ -245,10 +296,10 @@ class SearchTracker:
             d = _step_dict(step)
             if not self._once(f"child:{int(d['k'])}"):
                 continue
-            run = self.client.create_run(self.experiment_id, run_name=f"k={int(d['k'])}",
+            run = self.client.create_run(self.experiment_id, run_name=child_run_name(d["k"]),
                                          tags={"mlflow.parentRunId": self.parent_run_id, **self.tags})
             now = int(time.time() * 1000)
-            metrics = [Metric(k, v, now, 0) for k, v in _numeric(d, CHILD_KEYS).items()]
+            metrics = [Metric(k, v, now, 0) for k, v in _numeric(d, step_fields()).items()]
             self.client.log_batch(run.info.run_id, metrics=metrics, params=[Param("k", str(int(d["k"])))])
             self.client.set_terminated(run.info.run_id, "FINISHED")
             made += 1
@@ -256,8 +307,10 @@ class SearchTracker:
 
     # -- the parent's curve and results -------------------------------------------
     def log_curve(self, trace: Sequence[Any], threshold: float | None = None, k_star: int | None = None) -> None:
-        """The trade-off curve: parent metrics stepped by k, and a PNG plot of it; with
-        ``k_star`` also ``k_star``, ``s_star`` and ``alpha_star`` (the chosen step)."""
+        """The trade-off curve as parent metrics ``curve/<field>`` stepped by k, and a PNG
+        plot of it. With ``k_star``, the chosen step's own values go on the parent under
+        the plain field names (``acc_forget``, ``s``, ``alpha``, ...) with ``k_star``: the
+        numbers the run table shows are those of the model that was kept."""
         from mlflow.entities import Metric
 
         self._require()
@@ -265,20 +318,26 @@ class SearchTracker:
         if not steps or not self._once("curve"):
             return
         now = int(time.time() * 1000)
-        metrics = [Metric(key, v, now, int(d["k"])) for d in steps for key, v in _numeric(d, CURVE_KEYS).items()]
+        fields = [f for f in step_fields() if f != "k"]
+        metrics = [Metric(CURVE_PREFIX + key, v, now, int(d["k"]))
+                   for d in steps for key, v in _numeric(d, fields).items()]
         hit = [d for d in steps if d["k"] == k_star]
-        if hit:  # the chosen step, under names the curve does not use
-            metrics += [Metric(f"{key}_star", v, now, 0) for key, v in _numeric(hit[0], ("k", "s", "alpha")).items()]
+        if hit:
+            chosen = {"k_star": hit[0]["k"], **_numeric(hit[0], fields)}
+            metrics += [Metric(key, v, now, 0) for key, v in _numeric(chosen, chosen).items()]
+        if threshold is not None:
+            metrics.append(Metric("threshold", float(threshold), now, 0))
         self._log_metric_list(self.parent_run_id, metrics)
         self.client.log_figure(self.parent_run_id, tradeoff_figure(steps, threshold, k_star), PLOT_FILE)
 
-    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
-        """Final numbers on the parent run (e.g. k*, α, attack metrics after healing)."""
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None, model_id: str | None = None) -> None:
+        """Final numbers on the parent run (e.g. attack metrics before and after healing);
+        with ``model_id`` they are also the logged model's metrics in the UI."""
         from mlflow.entities import Metric
 
         self._require()
         now = int(time.time() * 1000)
-        todo = [Metric(k, v, now, step or 0) for k, v in _numeric(metrics, list(metrics)).items()
+        todo = [Metric(k, v, now, step or 0, model_id=model_id) for k, v in _numeric(metrics, list(metrics)).items()
                 if self._once(f"metric:{k}:{step}")]
         self._log_metric_list(self.parent_run_id, todo)
 
@@ -286,6 +345,63 @@ class SearchTracker:
         """The potion checkpoint file as artifact ``model/<name>`` (load it back with
         ``potion.models.load_checkpoint``)."""
         self._log_file(Path(checkpoint_path), "model")
+
+    def log_pytorch_model(self, model, example_input, *, registered_name: str | None = None) -> str | None:
+        """The healed model as an MLflow model (``mlflow.pytorch``), linked to the parent
+        run, so it is listed under "Logged models" and loads with
+        ``mlflow.pytorch.load_model(f"models:/{model_id}")``; with ``registered_name`` it is
+        also registered in the model registry. Returns the model id.
+
+        The model is pickled by class (not the "pt2" export, which fixes the batch size and
+        fails on some models), so loading it needs ``potion`` importable; the pip
+        requirements are given rather than inferred (inference would load the model in a
+        subprocess, for seconds, on every heal).
+        """
+        self._require()
+        if not self._once("pytorch_model"):
+            return None
+        try:
+            return self._log_pytorch_model(model, example_input, registered_name)
+        except Exception as e:  # noqa: BLE001  (pickling a user's own class can fail many ways)
+            # The checkpoint file is logged regardless; a model that cannot be pickled for
+            # MLflow must not fail a heal whose outputs are already written.
+            msg = f"{type(e).__name__}: {e}"[:4000]
+            self.client.set_tag(self.parent_run_id, "potion.mlflow_model_error", msg)
+            print(f"potion: warning: the healed model was not logged as an MLflow model ({msg}); "
+                  "the checkpoint artifact model/model.pt is there", file=sys.stderr)
+            return None
+
+    def _log_pytorch_model(self, model, example_input, registered_name: str | None) -> str:
+        import mlflow
+        import mlflow.pytorch
+        import numpy as np
+        import torch
+        from mlflow.models import infer_signature
+        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+        model = model.cpu().eval()
+        x = example_input[:2].detach().cpu().float()
+        with torch.no_grad():
+            y = model(x)
+        signature = infer_signature(x.numpy(), y.numpy().astype(np.float32))
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            potion_req = f"potion=={version('potion')}"
+        except PackageNotFoundError:
+            potion_req = "potion"
+        reqs = [f"torch=={torch.__version__.split('+')[0]}", potion_req]
+        # Created here, in this experiment: left to itself, log_model would file the model
+        # under the process's active experiment, not the run's.
+        logged = self.client.create_logged_model(self.experiment_id, name=MODEL_NAME, source_run_id=self.parent_run_id,
+                                                 params={k: v for k, v in self.params.items() if len(v) <= 500})
+        quiet = _QuietLogger("mlflow.pytorch")  # its pickle warning is the documented trade-off above
+        with _use_tracking_uri(self.uri), quiet:
+            info = mlflow.pytorch.log_model(
+                model, name=MODEL_NAME, run_id=self.parent_run_id, model_id=logged.model_id, signature=signature,
+                pip_requirements=reqs, registered_model_name=registered_name, serialization_format="pickle",
+            )
+        return info.model_id
 
     def log_files(self, paths: Iterable[str | Path], artifact_path: str = "outputs") -> None:
         """Manifest, deletion set, report... as artifacts under ``artifact_path``."""
@@ -300,6 +416,23 @@ class SearchTracker:
             self.client.log_artifact(self.parent_run_id, str(path), artifact_path)
 
 
+class _QuietLogger:
+    """Raise one logger's level to ERROR for the duration of a ``with`` block."""
+
+    def __init__(self, name: str):
+        import logging
+
+        self.logger, self.level = logging.getLogger(name), logging.ERROR
+
+    def __enter__(self):
+        self.saved = self.logger.level
+        self.logger.setLevel(self.level)
+
+    def __exit__(self, *exc):
+        self.logger.setLevel(self.saved)
+        return False
+
+
 def _batched_logger_callback():
     """Ray's ``MLflowLoggerCallback`` with one ``log_batch`` per trial result.
 
@@ -308,54 +441,79 @@ def _batched_logger_callback():
     evaluation per trial that is a large share of the search's wall time.
     """
     from ray.air.integrations.mlflow import MLflowLoggerCallback
-    from ray.tune.result import TIMESTEPS_TOTAL, TRAINING_ITERATION
-    from ray.tune.utils import flatten_dict
 
     class BatchedMLflowLoggerCallback(MLflowLoggerCallback):
+        def log_trial_start(self, trial) -> None:
+            # Ray names the run after the trial ("ptn_trial_299a61f0"); the step k says more.
+            if trial not in self._trial_runs:
+                tags = {**self.tags, "trial_name": str(trial)}
+                run = self.mlflow_util.start_run(tags=tags, run_name=child_run_name(trial.config["k"]))
+                self._trial_runs[trial] = run.info.run_id
+            if not self.log_params_on_trial_end:
+                self.mlflow_util.log_params(run_id=self._trial_runs[trial], params_to_log=trial.config)
+
         def log_trial_result(self, iteration: int, trial, result: dict) -> None:
             from mlflow import MlflowClient
             from mlflow.entities import Metric
 
             if getattr(self, "_client", None) is None:
                 self._client = MlflowClient(tracking_uri=self.tracking_uri)
-            step = result.get(TIMESTEPS_TOTAL) or result[TRAINING_ITERATION]
             now = int(time.time() * 1000)
-            metrics = []
-            for key, value in flatten_dict(result).items():
-                try:
-                    metrics.append(Metric(key, float(value), now, int(step)))
-                except (TypeError, ValueError):
-                    continue  # strings (hostname, trial id, date) are not metrics
+            # Only the step's own measurements: Tune adds its bookkeeping (timestamp, pid,
+            # done, time_this_iter_s, config/k, ...) to every result.
+            metrics = [Metric(key, v, now, 0) for key, v in _numeric(result, step_fields()).items()]
             for chunk in _chunks(metrics, 1000):
                 self._client.log_batch(self._trial_runs[trial], metrics=chunk)
 
     return BatchedMLflowLoggerCallback
 
 
+# How the plot names a step's accuracy fields; a field not listed here (a new one) is
+# plotted under its own name.
+CURVE_LABELS = {
+    "acc_forget": "a_k: accuracy on the deletion set Sf (poisoned labels)",
+    "acc_val": "accuracy on clean validation images",
+    "acc_proxy": "accuracy on the clean proxy (from Dr)",
+}
+S_AXIS_LABEL = "PTN dial s_k = (|Sf| / |D|) / b · c^k  (sets α; may exceed 1)"
+
+
+def curve_fields(steps: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The accuracy fields (``acc_*``) that at least one step has a value for."""
+    keys = [f for f in step_fields() if f.startswith("acc_")]
+    keys += sorted({k for d in steps for k in d if k.startswith("acc_") and k not in keys})
+    return [k for k in keys if any(d.get(k) is not None for d in steps)]
+
+
 def tradeoff_figure(steps: Sequence[Mapping[str, Any]], threshold: float | None = None, k_star: int | None = None):
-    """Accuracy on the deletion set (and validation) against the share s of dampened
-    parameters: the trade-off PTN walks along. Uses the Agg canvas, never a display."""
+    """Every accuracy a step recorded against PTN's dial s_k, with the threshold ρ·acc0 and
+    the chosen step k* marked: the trade-off PTN walks along. s_k is not a share of
+    parameters (it feeds the percentile q(s) = 100 − ln(1 + 100·s) that sets α, and grows
+    past 1), so the axis says what it is. Uses the Agg canvas, never a display."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6, 4), dpi=100)
+    fig = Figure(figsize=(7, 4.5), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    s = [d["s"] for d in steps]
-    ax.plot(s, [d["acc_forget"] for d in steps], "o-", ms=3, label="accuracy on deletion set (a_k)")
-    if any(d.get("acc_val") is not None for d in steps):
-        pts = [(d["s"], d["acc_val"]) for d in steps if d.get("acc_val") is not None]
-        ax.plot(*zip(*pts), "s-", ms=3, label="validation accuracy")
+    markers = iter("os^vD<>")
+    for key in curve_fields(steps):
+        pts = [(d["s"], d[key]) for d in steps if d.get(key) is not None]
+        ax.plot(*zip(*pts), f"{next(markers, 'o')}-", ms=3, label=CURVE_LABELS.get(key, key))
     if threshold is not None:
-        ax.axhline(threshold, color="gray", ls="--", lw=1, label="threshold ρ·acc0")
-    if k_star is not None:
-        hit = [d for d in steps if d["k"] == k_star]
-        if hit:
-            ax.axvline(hit[0]["s"], color="red", lw=1, label=f"k* = {k_star}")
+        ax.axhline(threshold, color="gray", ls="--", lw=1, label=f"threshold ρ·acc0 = {threshold:.3f}")
+    title = "PTN trade-off"
+    hit = [d for d in steps if d["k"] == k_star] if k_star is not None else []
+    if hit:
+        h = hit[0]
+        ax.axvline(h["s"], color="red", lw=1, label=f"k* = {k_star} (s = {h['s']:.3g}, α = {h['alpha']:.3g})")
+        ax.plot([h["s"]], [h["acc_forget"]], "*", color="red", ms=12)
+        title += f": k* = {k_star} of {len(steps)} steps evaluated"
+    ax.set_title(title)
     ax.set_xscale("log")
-    ax.set_xlabel("share of parameters dampened, s")
+    ax.set_xlabel(S_AXIS_LABEL)
     ax.set_ylabel("accuracy")
     ax.set_ylim(-0.02, 1.02)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     return fig

@@ -19,9 +19,8 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
-
 from potion.errors import PotionError
+from potion.progress import progress_bar
 from potion.registry import Registry
 
 Tensor = torch.Tensor
@@ -153,6 +152,7 @@ def importance_sums(
     device: str | torch.device = "cpu",
     progress: bool = False,
     total: int | None = None,
+    desc: str | None = None,
 ) -> tuple[dict[str, Tensor], int]:
     """Σ_b G(b) over the batches, and the number of batches K.
 
@@ -178,7 +178,7 @@ def importance_sums(
     sums = [torch.zeros_like(q, dtype=torch.float32, memory_format=torch.contiguous_format) for q in params]
 
     k = 0
-    bar = tqdm(batches, total=total, disable=not progress, desc=f"importances ({est.name})", leave=False)
+    bar = progress_bar(batches, total=total, enabled=progress, desc=desc or f"importances ({est.name})", unit="batch")
     with _eval_mode_all_grads(work), torch.autocast(device.type, enabled=False), bar:
         for batch in bar:
             x, y = _split_batch(batch, est.uses_labels, est.name)
@@ -225,7 +225,9 @@ def compute_importances(
     device: str | torch.device = "cpu",
     progress: bool = False,
     total: int | None = None,
+    desc: str | None = None,
 ) -> dict[str, Tensor]:
     """I = (1/K) Σ_b G(b) (SPEC §5); see :func:`importance_sums`."""
-    sums, k = importance_sums(model, batches, estimator, p=p, device=device, progress=progress, total=total)
+    sums, k = importance_sums(model, batches, estimator, p=p, device=device, progress=progress, total=total,
+                              desc=desc)
     return {n: s.div_(k) for n, s in sums.items()}

@@ -78,9 +78,15 @@ def _importances(ctx: HealContext, estimator: str, which: Which) -> tuple[Mappin
     else:
         total = len(ctx.forget_batches) if which == "forget" else ctx.retain_total
         imp = compute_importances(
-            ctx.model, batches_fn(), estimator, device=ctx.device, progress=ctx.progress, total=total
+            ctx.model, batches_fn(), estimator, device=ctx.device, progress=ctx.progress, total=total,
+            desc=importance_label(estimator, which),
         )
     return imp, time.perf_counter() - t0
+
+
+def importance_label(estimator: str, which: Which) -> str:
+    """The progress-bar label of one importance pass: which set, which estimator."""
+    return f"importances on {'deletion set Sf' if which == 'forget' else 'retain set Dr'} ({estimator})"
 
 
 def _both_importances(ctx: HealContext, estimator: str) -> tuple[Mapping, Mapping, dict[str, float]]:
@@ -159,7 +165,10 @@ def _ptn_method(name: str, estimator: str) -> Callable[[HealContext], HealResult
             ctx.model, ctx.state0, imp_f, imp_r, ctx.forget_batches, ctx.n_forget, ctx.n_total,
             ctx.ptn, val_batches=ctx.val_batches, device=ctx.device,
         )
-        res = (ctx.search or ptn_search)(evaluator, ctx.ptn)
+        if ctx.search is not None:
+            res = ctx.search(evaluator, ctx.ptn)
+        else:
+            res = ptn_search(evaluator, ctx.ptn, progress=ctx.progress)
         timings["search_s"] = time.perf_counter() - t0
         info = {"estimator": estimator, "lam": 1.0, "ptn": dataclasses.asdict(ctx.ptn), **res.to_dict()}
         return HealResult(name, res.state_dict, info, timings)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from potion.errors import PotionError
+from potion.progress import progress_bar
 from potion.unlearning.dampening import RatioQuantiles, dampen, importance_ratios, percentile_for_share
 
 Tensor = torch.Tensor
@@ -126,6 +127,17 @@ def smallest_crossing(results: Iterable[StepResult], threshold: float) -> StepRe
     """The result with the smallest k whose a_k ≤ threshold, or None."""
     crossing = [r for r in results if r.acc_forget <= threshold]
     return min(crossing, key=lambda r: r.k) if crossing else None
+
+
+def describe_step(result: StepResult, threshold: float) -> str:
+    """One step's progress line: k, a_k against the threshold, s_k and α_k."""
+    side = "<=" if result.acc_forget <= threshold else ">"
+    return (f"k={result.k} a_k={result.acc_forget:.3f} {side} threshold {threshold:.3f} "
+            f"(s={result.s:.3g}, alpha={result.alpha:.3g})")
+
+
+def search_label(strategy: str) -> str:
+    return f"PTN search ({strategy})"
 
 
 def _to_device(batches: Iterable, device: torch.device) -> list[tuple[Tensor, Tensor]]:
@@ -252,9 +264,10 @@ class StepEvaluator:
 class _Memo:
     """Evaluates each k at most once and keeps every result for the trace."""
 
-    def __init__(self, evaluator: Any):
+    def __init__(self, evaluator: Any, on_result: Callable[[StepResult], None] | None = None):
         self.evaluator = evaluator
         self.results: dict[int, StepResult] = {}
+        self.on_result = on_result
 
     def many(self, ks: Sequence[int]) -> list[StepResult]:
         todo = [k for k in dict.fromkeys(ks) if k not in self.results]
@@ -263,6 +276,8 @@ class _Memo:
             got = many(todo) if many is not None else [self.evaluator.evaluate(k) for k in todo]
             for r in got:
                 self.results[r.k] = r
+                if self.on_result is not None:
+                    self.on_result(r)
         return [self.results[k] for k in ks]
 
     def one(self, k: int) -> StepResult:
@@ -313,19 +328,25 @@ def _bisect(memo: _Memo, cfg: PTNConfig, threshold: float) -> StepResult | None:
 _STRATEGY_FNS = {"linear": _linear, "waves": _waves, "bisect": _bisect}
 
 
-def ptn_search(evaluator: Any, config: PTNConfig | None = None) -> PTNResult:
+def ptn_search(evaluator: Any, config: PTNConfig | None = None, *, progress: bool = False) -> PTNResult:
     """Find k* = the smallest k with a_k ≤ ρ·acc0 and return θ_{k*} (SPEC §8).
 
     ``evaluator`` is a :class:`StepEvaluator` or anything with ``acc0``, ``evaluate(k)``
     (and optionally ``evaluate_many``) and ``healed_state(k)``. ``config`` (default: the
     evaluator's) supplies ρ, the strategy, the window and max_steps; s_k is the
     evaluator's. After a successful search the evaluator's model holds θ_{k*}.
+    ``progress`` shows one bar update per evaluated step (k, a_k against the threshold).
     """
     cfg = config or getattr(evaluator, "config", None) or PTNConfig()
     threshold = crossing_threshold(evaluator, cfg)
     acc0 = float(evaluator.acc0)
-    memo = _Memo(evaluator)
-    hit = _STRATEGY_FNS[cfg.strategy](memo, cfg, threshold)
+    with progress_bar(desc=search_label(cfg.strategy), unit="step", enabled=progress) as bar:
+        def on_result(r: StepResult) -> None:
+            bar.set_postfix_str(describe_step(r, threshold), refresh=False)
+            bar.update(1)
+
+        memo = _Memo(evaluator, on_result)
+        hit = _STRATEGY_FNS[cfg.strategy](memo, cfg, threshold)
     trace = [memo.results[k] for k in sorted(memo.results)]
     if hit is None:
         raise no_crossing(trace, cfg, threshold, acc0)
