@@ -10,11 +10,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def data_root(name: str) -> Path:
-    """``$POTION_DATA/<name>``, default ``../shared/data/<name>`` beside the repository."""
-    base = Path(os.environ.get("POTION_DATA", REPO.parent / "shared" / "data"))
+    """``$POTION_DATA/<name>``, default ``data/<name>`` in the repository (where
+    ``potion data`` writes)."""
+    base = Path(os.environ.get("POTION_DATA", REPO / "data"))
     path = base / name
     if not path.is_dir():
-        raise PotionError(f"benchmark data {path} not found; set POTION_DATA to the folder holding '{name}/'")
+        raise PotionError(f"benchmark data {path} not found; make it with `potion data {name.split('-')[0]} ...` "
+                          f"or set POTION_DATA to the folder holding '{name}/'")
     return path
 
 

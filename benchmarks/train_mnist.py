@@ -1,4 +1,4 @@
-"""Train a poisoned MNIST model (1 % badnet) from ../shared/data/mnist and print its metrics.
+"""Train a poisoned MNIST model (1 % badnet) from $POTION_DATA/mnist (default data/mnist) and print its metrics.
 
     python benchmarks/train_mnist.py --out runs/mnist-badnet1   # about 2 epochs on CPU
     python benchmarks/train_mnist.py --smoke                     # a 3 000-image subset

@@ -89,8 +89,8 @@ class SuiteConfig:
     notes: str = ""  # caveats that belong next to every result (e.g. lossy data)
     data: DataConfig = field(default_factory=DataConfig)
     # A relative data.args.root is looked up under $POTION_DATA, else under this folder
-    # (itself relative to the repository root).
-    data_root: str = "../shared/data"
+    # (itself relative to the repository root; `potion data` writes there by default).
+    data_root: str = "data"
     # Optional, not a default instance: a default section would be merged key by key into
     # the suite's, and the default model's args (width) do not belong to another model.
     model: ModelConfig | None = None
@@ -213,6 +213,29 @@ def deep_merge(base: dict, over: dict) -> dict:
 
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def portable_path(path: str | Path) -> str:
+    """A path as a results table may record it: ``$POTION_DATA/...`` under the data root,
+    relative under the repository, else as given. Committed results must not carry the
+    folders of the machine they ran on."""
+    path = Path(os.path.normpath(Path(os.path.expanduser(str(path))).absolute()))
+    env = os.environ.get(DATA_ENV)
+    for base, name in ((Path(env) if env else None, f"${DATA_ENV}"), (repo_root(), None)):
+        if base is None:
+            continue
+        base = Path(os.path.normpath(base.absolute()))
+        if path == base or base in path.parents:
+            rel = path.relative_to(base).as_posix()
+            return f"{name}/{rel}" if name else rel
+    return str(path)
+
+
+def _portable_data(data: DataConfig) -> dict:
+    d = to_dict(data)
+    if d.get("args", {}).get("root"):
+        d["args"]["root"] = portable_path(d["args"]["root"])
+    return d
 
 
 def resolve_data(suite: SuiteConfig) -> tuple[DataConfig, Path | None]:
@@ -568,8 +591,8 @@ class Runner:
         self.cells_dir = plan.out / "cells"
         self.records: dict[str, dict] = {}  # cell_id → record (row, key, mlflow_run_id)
         self.meta = {"suite": plan.suite.name, "description": plan.suite.description, "notes": plan.suite.notes,
-                     "suite_file": str(plan.suite_file) if plan.suite_file else None,
-                     "data": to_dict(next(iter(plan.models.values())).job.data) if plan.models else None,
+                     "suite_file": portable_path(plan.suite_file) if plan.suite_file else None,
+                     "data": _portable_data(next(iter(plan.models.values())).job.data) if plan.models else None,
                      "model": to_dict(plan.suite.model or ModelConfig()), "recipe": to_dict(plan.suite.recipe),
                      **environment_info(command)}
         self.logger = CellLogger(tracking_uri, f"benchmark-{plan.suite.name}") if tracking_uri else None
