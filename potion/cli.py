@@ -1,4 +1,11 @@
-"""The ``potion`` command line. Flags become config overrides; the work is in potion.pipeline."""
+"""Heal an image classifier poisoned with a backdoor when only part of the poison was found.
+
+Typical use: `potion train` a (poisoned) model or bring your own run folder, then `potion heal`
+it with XLF importances and the PTN search, and open the MLflow UI it prints. `potion demo`
+runs the whole pipeline on embedded data; `potion data` converts downloaded datasets.
+Run `potion COMMAND --help` for the flags of each command.
+"""
+# Developer note: flags become config overrides (potion.config); the work is in potion.pipeline.
 from __future__ import annotations
 
 import argparse
@@ -20,12 +27,12 @@ def _overrides(pairs: list[tuple[str, object]]) -> list[str]:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML file with the job config (flags override it)")
+    p.add_argument("--config", help="YAML file with the job config; flags override it (default: built-in config)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config key, e.g. --set recipe.lr=0.05 (repeatable)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 or auto (default)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+                   help="override any config key, e.g. --set recipe.lr=0.05 (repeatable; default: none)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 or auto (default: auto, a GPU when there is one)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (default: refuse)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (default: show them)")
 
 
 # ---------------------------------------------------------------- train
@@ -64,18 +71,20 @@ OWNER_FLAGS = ("model", "weights", "dataset", "data_root", "model_args", "mean",
 def _add_owner_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("your own model and data (instead of --run)")
     g.add_argument("--model", help="path/to/file.py:Name, package.module:Name, timm:<name>, torchvision:<name> "
-                                   "or a Potion model name")
-    g.add_argument("--model-args", help='JSON keyword arguments of the class/factory, e.g. \'{"num_classes": 10}\'')
+                                   "or a Potion model name (default: none, use --run)")
+    g.add_argument("--model-args", help='JSON keyword arguments of the class/factory, e.g. \'{"num_classes": 10}\' (default: {})')
     g.add_argument("--weights", help="state_dict (.pt/.pth, loaded with weights_only=True), .safetensors, "
-                                     "a Potion checkpoint, or a dict with 'state_dict'/'model'")
-    g.add_argument("--dataset", help="parquet, imagefolder, cifar10, cifar100 (used as stored: no trigger added)")
-    g.add_argument("--data-root", help="folder of the dataset")
+                                     "a Potion checkpoint, or a dict with 'state_dict'/'model' (default: the model's own init)")
+    g.add_argument("--dataset", help="parquet, imagefolder, cifar10, cifar100 (used as stored: no trigger added; "
+                                     "default: none)")
+    g.add_argument("--data-root", help="folder of the dataset, e.g. data/mnist as `potion data` writes it (default: none)")
     g.add_argument("--mean", type=_floats, nargs="+", help="per-channel mean the model expects, e.g. 0.1307 or 0.485,0.456,0.406 "
                                               "(default 0: no normalisation)")
     g.add_argument("--std", type=_floats, nargs="+", help="per-channel std (default 1)")
     g.add_argument("--image-size", type=int, help="resize images to this size (default: as stored)")
-    g.add_argument("--triggered-test", help="Parquet of test images carrying your trigger, true labels (needs --target)")
-    g.add_argument("--target", type=int, help="the attack's target class (needs --triggered-test)")
+    g.add_argument("--triggered-test", help="Parquet of test images carrying your trigger, true labels (needs --target; "
+                   "default: none, ra and asr are not measured)")
+    g.add_argument("--target", type=int, help="the attack's target class (needs --triggered-test; default: none)")
 
 
 def _floats(text: str) -> list[float]:
@@ -142,6 +151,7 @@ def heal_job_from_args(args):
              ("ptn.window", args.window), ("importance_batch_size", args.batch_size), ("val_size", args.val_size),
              ("address", args.address), ("num_cpus", args.num_cpus), ("tracking_uri", args.tracking_uri),
              ("experiment", args.experiment), ("cache_dir", args.cache_dir), ("seed", args.seed),
+             ("register_model", getattr(args, "register_model", None)),
              ("device", args.device)]
     return from_dict(HealJob, apply_overrides(_base_dict(args), _overrides(pairs) + args.set))
 
@@ -156,6 +166,12 @@ def cmd_heal(args) -> int:
                       identified=args.identified, overwrite=args.overwrite, progress=not args.quiet)
     print(heal_table(report))
     print(f"healed model: {Path(args.out) / 'model.pt'}\nreport: {Path(args.out) / 'report.json'}")
+    mlf = report.get("mlflow")
+    if mlf and mlf.get("tracking_uri", "").startswith("sqlite:"):
+        from potion.pipeline.tracking import ui_command
+
+        command, url = ui_command(mlf["tracking_uri"], mlf.get("experiment_id"), mlf.get("parent_run_id"))
+        print(f"MLflow UI: {command}\n  then open {url}")
     return 0
 
 
@@ -164,6 +180,19 @@ def cmd_demo(args) -> int:
     from potion.pipeline.demo import run_demo
 
     run_demo(args.out, overwrite=args.overwrite, smoke=args.smoke, backend=args.backend, progress=not args.quiet)
+    return 0
+
+
+# ---------------------------------------------------------------- data
+def cmd_data(args) -> int:
+    from potion.pipeline.data_prep import prepare_data
+
+    summary = prepare_data(args.source, args.src, args.out, data_root_flag=args.data_root,
+                           jpeg_quality=args.jpeg_quality, overwrite=args.overwrite,
+                           image_column=args.image_column, label_column=args.label_column)
+    print(f"wrote {summary['out']}: {summary['train']} train + {summary['test']} test images, "
+          f"{summary['classes']} classes")
+    print(f"use it with: --dataset parquet --data-root {summary['out']}")
     return 0
 
 
@@ -181,81 +210,108 @@ def cmd_report(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="potion", description=__doc__)
+    parser = argparse.ArgumentParser(prog="potion", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="poison a dataset and train a model on it")
     p.add_argument("--dataset", help="registered dataset: digits (default), parquet, cifar10, cifar100, imagefolder")
-    p.add_argument("--data-root", help="folder or file of the dataset (data.args.root)")
+    p.add_argument("--data-root", help="folder of the dataset, e.g. data/mnist as `potion data` writes it "
+                   "(data.args.root; default: none, digits is embedded)")
     p.add_argument("--poison", help="trigger: badnet (default), sine, moving")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--poison-share", type=float, help="share of the training set to poison (0.02 = 2 %%)")
-    g.add_argument("--poison-count", type=int, help="number of training samples to poison")
+    g.add_argument("--poison-share", type=float,
+                   help="share of the training set to poison, 0.02 = 2 %% (default 0.02)")
+    g.add_argument("--poison-count", type=int, help="number of training samples to poison (default: use --poison-share)")
     p.add_argument("--target", type=int, help="target class of the attack (default 0)")
     p.add_argument("--model", help="registered model: resnet9 (default), wrn, vit, small_cnn")
-    p.add_argument("--iterations", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--seed", type=int, help="seed of the poison draw and of training")
-    p.add_argument("--out", required=True, help="run folder to create")
+    p.add_argument("--iterations", type=int, help="SGD updates (default 500)")
+    p.add_argument("--batch-size", type=int, help="training batch size (default 128)")
+    p.add_argument("--lr", type=float, help="peak learning rate after warm-up (default 0.05)")
+    p.add_argument("--seed", type=int, help="seed of the poison draw and of training (default 0)")
+    p.add_argument("--out", required=True, help="run folder to create (required)")
     _add_common(p)
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("evaluate", help="clean_acc, ra and asr of a run's model (or another checkpoint, or your own model)")
-    p.add_argument("--run", help="run folder written by `potion train`")
-    p.add_argument("--checkpoint", help="evaluate this checkpoint against the run's data instead of the run's model")
+    p.add_argument("--run", help="run folder written by `potion train` (this or your own model, --model ..., is required)")
+    p.add_argument("--checkpoint", help="evaluate this checkpoint against the run's data (default: the run's model)")
     _add_owner_flags(p)
-    p.add_argument("--device")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 or auto (default: auto)")
     p.set_defaults(fn=cmd_evaluate)
 
     p = sub.add_parser("heal", help="unlearn a partly identified poison from a trained run or your own model")
-    p.add_argument("--run", help="run folder written by `potion train` (or give your own model: --model ...)")
+    p.add_argument("--run", help="run folder written by `potion train` (this or your own model, --model ..., is required)")
     _add_owner_flags(p)
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--discovery-share", type=float, help="draw this share of the poison as the deletion set")
-    g.add_argument("--discovery-count", type=int, help="draw this many poisoned samples (1 = one-shot healing)")
-    g.add_argument("--identified", help="CSV/Parquet of the training-set indices you identified as poison")
+    g.add_argument("--discovery-share", type=float,
+                   help="benchmark: draw this share of the poison as the deletion set (this, --discovery-count or "
+                   "--identified is required)")
+    g.add_argument("--discovery-count", type=int, help="benchmark: draw this many poisoned samples, 1 = one-shot (or one of the other two: required)")
+    g.add_argument("--identified", help="CSV/Parquet of the training-set indices you identified as poison "
+                   "(or one of the other two: required)")
     p.add_argument("--method", help="xlf_ptn (default), lf_ptn, ssd_ptn, ssd, ssd_grid, eu, none")
     p.add_argument("--backend", choices=["local", "ray"],
                    help="local, or ray (default when --address or RAY_ADDRESS is given)")
     p.add_argument("--rho", type=float, help="PTN stop threshold ρ (default 0.2)")
     p.add_argument("--step", type=float, help="PTN step c (default 1.1)")
     p.add_argument("--buffer", type=float, help="PTN start buffer b (default 25)")
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--strategy", choices=["linear", "waves", "bisect"])
-    p.add_argument("--window", type=int, help="PTN steps in flight at once (Ray backend)")
+    p.add_argument("--max-steps", type=int, help="give up after this many PTN steps (default 500)")
+    p.add_argument("--strategy", choices=["linear", "waves", "bisect"],
+                   help="order of the PTN steps; bisect assumes a_k falls with k (default linear)")
+    p.add_argument("--window", type=int, help="PTN steps in flight at once on the Ray backend (default 4)")
     p.add_argument("--batch-size", type=int, help="importance batch size B (default 512)")
     p.add_argument("--val-size", type=int, help="clean validation images for the trade-off curve (default 0)")
-    p.add_argument("--address", help="Ray cluster address (or RAY_ADDRESS)")
-    p.add_argument("--num-cpus", type=int, help="CPUs of a local Ray cluster")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI ('none' to disable; default OUT/mlflow.db)")
-    p.add_argument("--experiment", help="MLflow experiment name")
-    p.add_argument("--cache-dir", help="importance cache folder ('none' to disable)")
-    p.add_argument("--seed", type=int, help="seed of the deletion-set draw")
-    p.add_argument("--out", required=True)
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
+    p.add_argument("--num-cpus", type=int, help="CPUs of a local Ray cluster (default: all)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI, 'none' to disable "
+                   "(default: $MLFLOW_TRACKING_URI, else sqlite OUT/mlflow.db)")
+    p.add_argument("--experiment", help="MLflow experiment name (default potion-heal)")
+    p.add_argument("--register-model", metavar="NAME",
+                   help="also register the healed model in the MLflow model registry as NAME (default: not registered)")
+    p.add_argument("--cache-dir", help="importance cache folder, 'none' to disable "
+                   "(default: $POTION_CACHE/importances, else ~/.cache/potion/importances)")
+    p.add_argument("--seed", type=int, help="seed of the deletion-set draw (default 0)")
+    p.add_argument("--out", required=True, help="output folder to create (required)")
     _add_common(p)
     p.set_defaults(fn=cmd_heal)
 
     p = sub.add_parser("demo", help="the whole pipeline on the embedded digits data")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--smoke", action="store_true", help="a smaller, faster run")
-    p.add_argument("--backend", choices=["local", "ray"], default="ray")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--smoke", action="store_true", help="a smaller, faster run (default: the full demo)")
+    p.add_argument("--backend", choices=["local", "ray"], default="ray", help="search backend (default ray)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (default: refuse)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (default: show them)")
     p.set_defaults(fn=cmd_demo)
 
+    p = sub.add_parser("data", help="convert a downloaded dataset (MNIST, CIFAR, Hugging Face Parquet) "
+                       "into the Parquet layout Potion reads")
+    p.add_argument("source", choices=["mnist", "cifar10", "cifar100", "hf"],
+                   help="what --from holds: torchvision's MNIST raw idx files, the CIFAR python archive or "
+                   "folder, or a Hugging Face Parquet export")
+    p.add_argument("--from", dest="src", required=True, metavar="PATH",
+                   help="the downloaded file or folder (required; nothing is downloaded)")
+    p.add_argument("--out", help="folder to write (default: DATA_ROOT/<name>, e.g. data/mnist)")
+    p.add_argument("--data-root", help="where datasets live (default: $POTION_DATA, else data/ here)")
+    p.add_argument("--jpeg-quality", type=int, help="store JPEG at this quality, e.g. 75 for the cifar10-jpeg "
+                   "suites (default: lossless PNG)")
+    p.add_argument("--image-column", help="hf: the image column (default: image, else img)")
+    p.add_argument("--label-column", default="label", help="hf: the label column (default label)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (default: refuse)")
+    p.set_defaults(fn=cmd_data)
+
     p = sub.add_parser("benchmark", help="run a benchmark suite (benchmarks/suites/*.yaml)")
-    p.add_argument("--suite", required=True, help="suite name or YAML path")
+    p.add_argument("--suite", required=True, help="suite name or YAML path (required)")
     p.add_argument("--out", help="results folder (default benchmarks/work/<suite>)")
-    p.add_argument("--dry-run", action="store_true", help="list the cells and check the config")
-    p.add_argument("--address", help="Ray cluster address (or RAY_ADDRESS)")
-    p.add_argument("--num-cpus", type=int)
-    p.add_argument("--tracking-uri")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="list the cells and check the config (default: run)")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
+    p.add_argument("--num-cpus", type=int, help="CPUs of a local Ray cluster (default: all)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI, 'none' to disable (default: sqlite OUT/mlflow.db)")
+    p.add_argument("--quiet", action="store_true", help="no progress output (default: show it)")
     p.set_defaults(fn=cmd_benchmark)
 
     p = sub.add_parser("report", help="markdown summary and plots of a benchmark results table")
-    p.add_argument("results", help="results.parquet (or its folder)")
+    p.add_argument("results", help="results.parquet or its folder (required)")
     p.add_argument("--out", help="folder for summary.md and the plots (default: beside the table)")
     p.set_defaults(fn=cmd_report)
     return parser

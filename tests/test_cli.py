@@ -162,3 +162,31 @@ def test_class_count_mismatch_is_a_clear_error(run_dir, tmp_path, capsys):
     assert main(["evaluate", "--run", str(run_dir), "--checkpoint", str(ckpt)]) == 2
     err = capsys.readouterr().err
     assert "3 output classes" in err and "10" in err
+
+
+def test_every_flag_of_every_command_states_its_default_and_help_opens_with_user_text(capsys):
+    import argparse
+
+    from potion.cli import build_parser
+
+    parser = build_parser()
+    assert parser.description.startswith("Heal an image classifier")
+    assert "Flags become config overrides" not in parser.format_help()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = []
+    for name, sub in subs.choices.items():
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction) or not action.option_strings:
+                continue
+            text = action.help or ""
+            if not ("default" in text or "required" in text):
+                missing.append(f"{name} {action.option_strings[0]}")
+    assert not missing, f"flags without a stated default: {missing}"
+
+
+def test_python_dash_m_potion_is_the_same_command_line():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "potion", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("usage: potion")

@@ -144,14 +144,20 @@ def _assert_rel_close(got, want, rel=1e-5):
 
 
 @pytest.mark.parametrize("estimator,shards", [("xlf", 3), ("fisher", 2), ("lf", 50)])
-def test_sharded_equals_single_process(ray_local, data, estimator, shards):
+def test_sharded_equals_single_process(ray_local, data, estimator, shards, capsys):
     model_factory, view_factory, positions = data
     batch_size = 8  # 53 samples: 7 batches, the last one partial
     want = compute_importances(model_factory(), view_factory().subset(positions).batches(batch_size), estimator)
+    capsys.readouterr()
     got = sharded_importances(model_factory, view_factory, positions, estimator, None, batch_size, shards,
-                              device="cpu")
+                              device="cpu", progress=True, desc=f"importances ({estimator})")
     _assert_rel_close(got, want)
     assert all(t.dtype == torch.float32 for t in got.values())
+    # the driver's bar counts the batches of all shards, as plain lines off a terminal
+    err = capsys.readouterr().err
+    n_shards = min(shards, 7)
+    assert "\r" not in err and f"importances ({estimator}), {n_shards} shards: 7/7 batch" in err
+    assert f"shards done {n_shards}/{n_shards}" in err
 
 
 def test_default_shards_and_errors_surface_as_potion_errors(ray_local, data):

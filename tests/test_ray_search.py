@@ -202,7 +202,7 @@ def problem():
                 n_forget=len(deletion), n_total=len(view), cfg=cfg, evaluator=evaluator)
 
 
-def test_ray_window_search_matches_local_linear_and_logs_children(ray_local, problem, tmp_path):
+def test_ray_window_search_matches_local_linear_and_logs_children(ray_local, problem, tmp_path, capsys):
     from mlflow import MlflowClient
 
     from potion.pipeline.tracking import SearchTracker
@@ -214,7 +214,9 @@ def test_ray_window_search_matches_local_linear_and_logs_children(ray_local, pro
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with SearchTracker(uri, "ray-search", run_name="t", params={"window": window}) as tracker:
         search = make_ray_search(model_name=problem["name"], model_kwargs=problem["kwargs"], window=window,
-                                 storage_path=tmp_path / "ray_results", callbacks=[tracker.tune_callback()])
+                                 storage_path=tmp_path / "ray_results", callbacks=[tracker.tune_callback()],
+                                 progress=True)
+        capsys.readouterr()
         t0 = time.perf_counter()
         got = search(problem["evaluator"](), PTNConfig(**{**cfg.__dict__, "strategy": "waves"}))
         elapsed = time.perf_counter() - t0
@@ -233,16 +235,24 @@ def test_ray_window_search_matches_local_linear_and_logs_children(ray_local, pro
     assert max(ks) <= local.k_star + window - 1
     assert got.evaluations == len(ks) <= local.k_star + window
     assert (tmp_path / "ray_results").is_dir()
+    # progress: one bar update per finished step, with k and a_k against the threshold
+    err = capsys.readouterr().err
+    assert "\r" not in err and "PTN search (waves) on Ray, 2 in flight" in err
+    assert f"{got.evaluations} step" in err and "<= threshold" in err
     print(f"ray window search: k*={got.k_star}, {got.evaluations} trials, {elapsed:.1f}s")
 
     c = MlflowClient(tracking_uri=uri)
     runs = c.search_runs([c.get_experiment_by_name("ray-search").experiment_id])
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent]
     assert len(runs) == 1 + got.evaluations and len(children) == got.evaluations
+    from potion.pipeline.tracking import step_fields
+
     for r in children:
         step = by_k[int(r.data.metrics["k"])]
         assert r.data.metrics["acc_forget"] == step.acc_forget and r.data.metrics["alpha"] == step.alpha
         assert r.data.metrics["acc_val"] == step.acc_val and r.info.status == "FINISHED"
+        assert r.info.run_name == f"k={step.k:03d}"
+        assert set(r.data.metrics) <= set(step_fields())  # no Tune bookkeeping (timestamp, pid, done, ...)
 
 
 def test_ray_bisect_window_one_equals_local_bisect(ray_local, problem, tmp_path):
