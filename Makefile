@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-fast install clean
+.PHONY: demo test test-fast install clean mlflow-ui
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -24,6 +24,11 @@ test: $(STAMP)
 # No Ray cluster, no end-to-end pipeline runs (see the markers in pyproject.toml).
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not ray"
+
+# The demo's MLflow store; open the link `make demo` printed (it ends in ?workflowType=machine_learning).
+MLFLOW_PORT ?= 5000
+mlflow-ui: $(STAMP)
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/runs/demo/mlflow.db --port $(MLFLOW_PORT)
 
 clean:
 	rm -rf runs .pytest_cache

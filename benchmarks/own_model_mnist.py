@@ -12,7 +12,7 @@ Writes, into ``--out``:
 
 Then heal it with the command the README shows (``potion heal --model mynet.py:MyNet …``).
 
-    python benchmarks/own_model_mnist.py --data ../shared/data/mnist --out own
+    python benchmarks/own_model_mnist.py --data "${POTION_DATA:-data}/mnist" --out own
 """
 from __future__ import annotations
 
