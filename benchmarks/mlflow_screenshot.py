@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -74,21 +75,114 @@ def stop(proc: subprocess.Popen) -> None:
             pass
 
 
-def browse(browser: str, url: str, png: Path | None, size=(1500, 1000), budget_ms: int = 25000) -> str:
-    """Render ``url`` (the UI is a single-page app: give it virtual time to fetch and draw);
-    return the DOM, and write a screenshot when ``png`` is given."""
-    profile = tempfile.mkdtemp(prefix="potion-chromium-")
-    base = [browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-            "--disable-dev-shm-usage", f"--user-data-dir={profile}", f"--window-size={size[0]},{size[1]}",
-            f"--virtual-time-budget={budget_ms}"]
-    try:
-        dom = subprocess.run([*base, "--dump-dom", url], capture_output=True, text=True, timeout=180).stdout
-        if png is not None:
-            png.parent.mkdir(parents=True, exist_ok=True)
-            subprocess.run([*base, f"--screenshot={png}", url], capture_output=True, timeout=180, check=True)
-        return dom
-    finally:
-        shutil.rmtree(profile, ignore_errors=True)
+# What a first visit would otherwise pop up over the page (MLflow 3.17 keys, "<key>_v1").
+UI_STORAGE = {
+    "mlflow.assistant.fab.autoOpenedOnFirstLoad_v1": "true",
+    "mlflow.assistant.panelOpen_v1": "false",
+}
+
+
+class Chromium:
+    """Headless Chromium driven over the DevTools protocol (aiohttp's websocket client):
+    load a page, wait for what should be on it, read its text, take a screenshot."""
+
+    def __init__(self, browser: str, size=(1500, 1000)):
+        self.profile = tempfile.mkdtemp(prefix="potion-chromium-")
+        self.size = size
+        self.proc = subprocess.Popen(
+            [browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+             "--disable-dev-shm-usage", "--no-first-run", "--remote-debugging-port=0",
+             f"--user-data-dir={self.profile}", f"--window-size={size[0]},{size[1]}", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        port_file = Path(self.profile) / "DevToolsActivePort"
+        deadline = time.time() + 60
+        while not (port_file.is_file() and port_file.read_text().strip()):
+            if time.time() > deadline or self.proc.poll() is not None:
+                self.close()
+                raise RuntimeError("Chromium did not open its DevTools port within 60 s")
+            time.sleep(0.2)
+        self.port = int(port_file.read_text().split()[0])
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/json/list", timeout=10) as r:
+            page = next(t for t in json.load(r) if t["type"] == "page")
+        import asyncio
+
+        self.loop = asyncio.new_event_loop()
+        self.ws_url = page["webSocketDebuggerUrl"]
+        self._id = 0
+        self.loop.run_until_complete(self._connect())
+        self.call("Page.enable")
+        self.call("Emulation.setDeviceMetricsOverride", width=size[0], height=size[1], deviceScaleFactor=1,
+                  mobile=False)
+
+    async def _connect(self):
+        import aiohttp
+
+        self.session = aiohttp.ClientSession()
+        self.ws = await self.session.ws_connect(self.ws_url, max_msg_size=0)
+
+    async def _call(self, method: str, params: dict):
+        self._id += 1
+        await self.ws.send_json({"id": self._id, "method": method, "params": params})
+        while True:
+            msg = await self.ws.receive_json(timeout=120)
+            if msg.get("id") == self._id:
+                if "error" in msg:
+                    raise RuntimeError(f"{method}: {msg['error']}")
+                return msg.get("result", {})
+
+    def call(self, method: str, **params):
+        return self.loop.run_until_complete(self._call(method, params))
+
+    def js(self, expression: str):
+        res = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        return res.get("result", {}).get("value")
+
+    def goto(self, url: str, ready_js: str, timeout: float = 90.0) -> bool:
+        """Load ``url``; wait until ``ready_js`` is true (the single-page app fetches and
+        draws after the load event), at most ``timeout`` seconds. True when it became so."""
+        self.call("Page.navigate", url=url)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.js(f"Boolean({ready_js})"):
+                time.sleep(1.0)  # let animations and late charts settle before a screenshot
+                return True
+            time.sleep(0.5)
+        return False
+
+    def text(self) -> str:
+        return self.js("document.body ? document.body.innerText : ''") or ""
+
+    def screenshot(self, png: Path, height: int | None = None) -> None:
+        import base64
+
+        params = {"format": "png"}
+        if height:
+            params.update(clip={"x": 0, "y": 0, "width": self.size[0], "height": height, "scale": 1},
+                          captureBeyondViewport=True)
+        png.parent.mkdir(parents=True, exist_ok=True)
+        png.write_bytes(base64.b64decode(self.call("Page.captureScreenshot", **params)["data"]))
+
+    def close(self) -> None:
+        try:
+            if getattr(self, "ws", None) is not None:
+                self.loop.run_until_complete(self.ws.close())
+                self.loop.run_until_complete(self.session.close())
+        except Exception:  # noqa: BLE001  (closing a browser that already went away)
+            pass
+        try:
+            os.killpg(self.proc.pid, 15)
+            self.proc.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(self.proc.pid, 9)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(self.profile, ignore_errors=True)
+
+
+def has_text(*needles: str) -> str:
+    """A JS condition: the page's text contains every needle."""
+    return " && ".join(f"document.body.innerText.includes({json.dumps(n)})" for n in needles)
 
 
 def compose(top: Path, bottom: Path, out: Path, width: int = 1100) -> None:
@@ -116,7 +210,9 @@ def find_store(folder: Path) -> tuple[str, dict]:
     raise SystemExit(f"no report.json with MLflow ids under {folder} (run `make demo` first)")
 
 
-def check_pages(folder: Path, shots: Path, browser: str, png: Path | None = None) -> list[tuple[str, bool]]:
+def check_pages(folder: Path, shots: Path, browser: str, png: Path | None = None,
+                screenshots: bool = True) -> list[tuple[str, bool]]:
+    """Serve the store of the heal in ``folder``, render its pages, return (check, passed)."""
     from mlflow import MlflowClient
 
     from potion.pipeline.tracking import ui_url
@@ -125,28 +221,50 @@ def check_pages(folder: Path, shots: Path, browser: str, png: Path | None = None
     eid, rid = mlf["experiment_id"], mlf["parent_run_id"]
     client = MlflowClient(tracking_uri=uri)
     model_names = [m.name for m in client.search_logged_models(experiment_ids=[eid])]
+    model = model_names[0] if model_names else "(no logged model in the store)"
+    shots.mkdir(parents=True, exist_ok=True)
     port = free_port()
     proc = start_ui(uri, port, shots / "mlflow-ui.log")
     base = f"http://127.0.0.1:{port}"
+    run_page = ui_url(base, eid, rid)
+    checks: list[tuple[str, bool]] = []
+    chrome = Chromium(browser)
     try:
-        overview = browse(browser, ui_url(base, eid, rid), shots / "run-overview.png")
-        charts = browse(browser, ui_url(base, eid, rid).replace(f"/runs/{rid}?", f"/runs/{rid}/model-metrics?"),
-                        shots / "run-metrics.png", size=(1500, 1300))
-        experiment = browse(browser, ui_url(base, eid), shots / "experiment.png")
-        models = browse(browser, ui_url(base, eid).replace(f"/experiments/{eid}?", f"/experiments/{eid}/models?"),
-                        shots / "experiment-models.png")
+        chrome.goto(base + "/", "document.readyState === 'complete'")
+        chrome.js(";".join(f"localStorage.setItem({json.dumps(k)}, {json.dumps(v)})" for k, v in UI_STORAGE.items()))
+
+        ok = chrome.goto(run_page, has_text("after_poison_healed", model))
+        text = chrome.text()
+        checks += [
+            ("run page: opens in the model-training view", ok and "Traces 0" not in text and "Metrics (" in text),
+            ("run page: the chosen step's metrics (k_star, acc_forget, threshold)",
+             all(k in text for k in ("k_star", "acc_forget", "threshold"))),
+            ("run page: before/after metrics", "after_poison_healed" in text and "before_clean_acc" in text),
+            ("run page: child runs named k=NNN", re.search(r"k=\d{3}", text) is not None),
+            ("run page: the logged model is listed", model in text),
+        ]
+        if screenshots:
+            chrome.screenshot(shots / "run-overview.png")
+
+        charts = run_page.replace(f"/runs/{rid}?", f"/runs/{rid}/model-metrics?")
+        ok = chrome.goto(charts, has_text("curve/acc_forget") + " && document.querySelectorAll('svg .trace').length > 0")
+        checks.append(("metric charts: the trade-off curve curve/acc_forget, drawn", ok))
+        if screenshots:
+            chrome.screenshot(shots / "run-metrics.png")
+
+        ok = chrome.goto(ui_url(base, eid), has_text(client.get_run(rid).info.run_name))
+        checks.append(("experiment page: the heal's parent run is listed", ok))
+        if screenshots:
+            chrome.screenshot(shots / "experiment.png")
+
+        models = ui_url(base, eid).replace(f"/experiments/{eid}?", f"/experiments/{eid}/models?")
+        checks.append(("experiment models tab: the logged model", chrome.goto(models, has_text(model))))
+        if screenshots:
+            chrome.screenshot(shots / "experiment-models.png")
     finally:
+        chrome.close()
         stop(proc)
-    checks = [
-        ("run page: the model-training view, not GenAI traces", "Traces 0" not in overview and "Overview" in overview),
-        ("run page: the chosen step's metrics (k_star, acc_forget)", "k_star" in overview and "acc_forget" in overview),
-        ("run page: before/after metrics", "after_poison_healed" in overview and "before_clean_acc" in overview),
-        ("run page: the logged model is listed", bool(model_names) and model_names[0] in overview),
-        ("metric charts: the trade-off curve curve/acc_forget", "curve/acc_forget" in charts),
-        ("experiment page: child runs named k=NNN", "k=000" in experiment),
-        ("experiment models tab: the logged model", bool(model_names) and model_names[0] in models),
-    ]
-    if png is not None:
+    if png is not None and screenshots:
         compose(shots / "run-overview.png", shots / "run-metrics.png", png)
     return checks
 
