@@ -126,8 +126,10 @@ def test_potion_heal_as_a_ray_job_tracked_in_mlflow(tmp_path):
                       "--temp-dir", temp, "--disable-usage-stats"], env, temp, 180)
         assert start.returncode == 0, start.stdout[-2000:] + start.stderr[-2000:]
         job = _run([ray_bin, "job", "submit", "--address", address, "--working-dir", REPO, "--submission-id", sid,
-                    "--", "potion", "heal", "--run", run_dir, "--discovery-share", "0.3", "--method", "xlf_ptn",
-                    "--backend", "ray", "--step", "3", "--out", out, "--tracking-uri", f"sqlite:///{db}",
+                    # the entrypoint the README documents: Potion through its interpreter, by
+                    # absolute path, so it does not depend on the PATH the cluster started with
+                    "--", sys.executable, "-m", "potion", "heal", "--run", run_dir, "--discovery-share", "0.3",
+                    "--method", "xlf_ptn", "--backend", "ray", "--step", "3", "--out", out, "--tracking-uri", f"sqlite:///{db}",
                     "--quiet"], env, tmp_path, 900)
         submit_output = f"ray job submit exited {job.returncode}:\n" + job.stdout[-4000:] + job.stderr[-3000:]
         # The submit's own verdict first: if it never reached the cluster there is no job to ask about.
