@@ -56,6 +56,7 @@ class LineProgress:
         self._last_mark = 0
         self._closed = False
         self._printed_n: int | None = None
+        self._printed_postfix = ""
 
     # -- tqdm's interface -----------------------------------------------------------
     def __iter__(self):
@@ -99,13 +100,13 @@ class LineProgress:
         if self._closed:
             return
         self._closed = True
-        if self._printed_n != self.n:
+        if (self._printed_n, self._printed_postfix) != (self.n, self.postfix):
             self._line(time.monotonic())
 
     # -- output ---------------------------------------------------------------------
     def _line(self, now: float) -> None:
         self._last_line_t = now
-        self._printed_n = self.n
+        self._printed_n, self._printed_postfix = self.n, self.postfix
         if not self.enabled:
             return
         count = f"{self.n}/{self.total}" if self.total else f"{self.n}"

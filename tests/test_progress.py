@@ -77,4 +77,5 @@ def test_heal_stages_report_progress_without_carriage_returns(capsys):
     assert f"importances on retain set Dr (xlf): {n_r}/{n_r} batch" in err
     assert "importances on deletion set Sf (xlf): 2/2 batch" in err
     last = [line for line in err.splitlines() if line.startswith("PTN search (linear)")][-1]
-    assert f": {res.info['evaluations']} step" in last and f"k={res.info['k_star']} " in last and "<= threshold" in last
+    assert f": {res.info['evaluations']} step" in last and "<= threshold" in last
+    assert f"done: k*={res.info['k_star']} " in last

@@ -43,6 +43,7 @@ from potion.unlearning.ptn import (
     describe_step,
     no_crossing,
     search_label,
+    search_outcome,
     smallest_crossing,
 )
 from potion.progress import progress_bar
@@ -205,6 +206,11 @@ class PTNSearcher(Searcher):
         self._queue: list[int] = []  # bisect: this round's ks still to hand out
         self._gallop_j = 0
 
+    def __getstate__(self) -> dict:
+        # Tune pickles the searcher into its experiment state; the progress callback
+        # holds an output stream, which does not pickle and would mean nothing restored.
+        return {**self.__dict__, "on_result": None}
+
     # -- Tune's interface ---------------------------------------------------------
     def suggest(self, trial_id: str):
         if self.done or self.failed:
@@ -353,9 +359,13 @@ def ray_ptn_search(
             failure_config=tune.FailureConfig(fail_fast=True),
         ),
     )
-    with bar:
+    try:
         grid = tuner.fit()
+    except BaseException:
+        bar.close()
+        raise
     if grid.errors:
+        bar.close()
         err = grid.errors[0]
         raise PotionError(f"a PTN trial failed on the Ray cluster: {type(err).__name__}: {_short(err)}")
     results: dict[int, StepResult] = {}
@@ -365,6 +375,8 @@ def ray_ptn_search(
             results[r.k] = r
     trace = [results[k] for k in sorted(results)]
     hit = smallest_crossing(trace, threshold)
+    bar.set_postfix_str(search_outcome(hit, threshold, cfg), refresh=True)  # steps finish out of order
+    bar.close()
     if hit is None:
         if not trace:
             raise PotionError("the Ray PTN search ran no trials; check the cluster's resources (CPU/GPU per trial)")

@@ -136,6 +136,13 @@ def describe_step(result: StepResult, threshold: float) -> str:
             f"(s={result.s:.3g}, alpha={result.alpha:.3g})")
 
 
+def search_outcome(hit: StepResult | None, threshold: float, cfg: PTNConfig) -> str:
+    """The search's last progress line: the chosen step, or that there was none."""
+    if hit is None:
+        return f"no step k <= {cfg.max_steps} reached threshold {threshold:.3f}"
+    return "done: k*=" + describe_step(hit, threshold).removeprefix("k=")
+
+
 def search_label(strategy: str) -> str:
     return f"PTN search ({strategy})"
 
@@ -347,6 +354,7 @@ def ptn_search(evaluator: Any, config: PTNConfig | None = None, *, progress: boo
 
         memo = _Memo(evaluator, on_result)
         hit = _STRATEGY_FNS[cfg.strategy](memo, cfg, threshold)
+        bar.set_postfix_str(search_outcome(hit, threshold, cfg), refresh=True)
     trace = [memo.results[k] for k in sorted(memo.results)]
     if hit is None:
         raise no_crossing(trace, cfg, threshold, acc0)
