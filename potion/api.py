@@ -92,7 +92,8 @@ def heal_model(
 
         connect(address, num_cpus)
         owned_ray = owned()
-        ctx.search = make_ray_search(model_factory=_Clone(copy.deepcopy(model).cpu()), gpus_per_trial=0)
+        ctx.search = make_ray_search(model_factory=_Clone(copy.deepcopy(model).cpu()), gpus_per_trial=0,
+                                     progress=progress)
     try:
         result = heal(method, ctx)
     finally:
