@@ -9,10 +9,10 @@ from potion.errors import PotionError
 REPO = Path(__file__).resolve().parent.parent
 
 
-def data_root(name: str) -> Path:
-    """``$POTION_DATA/<name>``, default ``data/<name>`` in the repository (where
-    ``potion data`` writes)."""
-    base = Path(os.environ.get("POTION_DATA", REPO / "data"))
+def data_root(name: str, root: str | os.PathLike | None = None) -> Path:
+    """``<root>/<name>``, with ``root`` from the caller's flag, else ``$POTION_DATA``, else
+    ``data/`` in the repository (where ``potion data`` writes)."""
+    base = Path(root or os.environ.get("POTION_DATA") or REPO / "data")
     path = base / name
     if not path.is_dir():
         raise PotionError(f"benchmark data {path} not found; make it with `potion data {name.split('-')[0]} ...` "
@@ -20,12 +20,12 @@ def data_root(name: str) -> Path:
     return path
 
 
-def mnist_train_job(iterations: int, smoke: bool = False):
+def mnist_train_job(iterations: int, smoke: bool = False, root: str | os.PathLike | None = None):
     """The CPU-sized MNIST recipe: a quarter-width ResNet-9, 1 % badnet."""
     from potion.pipeline.configs import DataConfig, ModelConfig, PoisonConfig, TrainJob
     from potion.training import TrainRecipe
 
-    args = {"root": str(data_root("mnist"))}
+    args = {"root": str(data_root("mnist", root))}
     if smoke:
         args.update(train_limit=3000, test_limit=1000)
     return TrainJob(

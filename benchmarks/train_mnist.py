@@ -1,6 +1,6 @@
 """Train a poisoned MNIST model (1 % badnet) from $POTION_DATA/mnist (default data/mnist) and print its metrics.
 
-    python benchmarks/train_mnist.py --out runs/mnist-badnet1   # about 2 epochs on CPU
+    POTION_DATA=/path/to/data python benchmarks/train_mnist.py --out runs/mnist-badnet1   # about 2 epochs on CPU
     python benchmarks/train_mnist.py --smoke                     # a 3 000-image subset
 
 The run folder it writes is what ``benchmarks/heal_mnist.py --run`` heals.

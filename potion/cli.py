@@ -152,7 +152,8 @@ def heal_job_from_args(args):
              ("address", args.address), ("num_cpus", args.num_cpus), ("tracking_uri", args.tracking_uri),
              ("experiment", args.experiment), ("cache_dir", args.cache_dir), ("seed", args.seed),
              ("register_model", getattr(args, "register_model", None)),
-             ("device", args.device)]
+             ("device", args.device), ("retain_sample", args.retain_sample),
+             ("remeasure", True if args.remeasure else None)]
     return from_dict(HealJob, apply_overrides(_base_dict(args), _overrides(pairs) + args.set))
 
 
@@ -257,8 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=float, help="PTN step c (default 1.1)")
     p.add_argument("--buffer", type=float, help="PTN start buffer b (default 25)")
     p.add_argument("--max-steps", type=int, help="give up after this many PTN steps (default 500)")
-    p.add_argument("--strategy", choices=["linear", "waves", "bisect"],
-                   help="order of the PTN steps; bisect assumes a_k falls with k (default linear)")
+    p.add_argument("--strategy", choices=["linear", "waves", "bisect", "bracket"],
+                   help="order of the PTN steps: bracket (default: gallop, then scan up from the last step "
+                        "below the threshold), linear (the paper's scan), waves, bisect (assumes a_k falls with k)")
     p.add_argument("--window", type=int, help="PTN steps in flight at once on the Ray backend (default 4)")
     p.add_argument("--batch-size", type=int, help="importance batch size B (default 512)")
     p.add_argument("--val-size", type=int, help="clean validation images for the trade-off curve (default 0)")
@@ -271,7 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also register the healed model in the MLflow model registry as NAME (default: not registered)")
     p.add_argument("--cache-dir", help="importance cache folder, 'none' to disable "
                    "(default: $POTION_CACHE/importances, else ~/.cache/potion/importances)")
-    p.add_argument("--seed", type=int, help="seed of the deletion-set draw (default 0)")
+    p.add_argument("--seed", type=int, help="seed of the deletion-set draw and of the retain sample (default 0)")
+    p.add_argument("--retain-sample",
+                   help="retain importances from: auto (default: stop once the estimate has settled), a share "
+                        "in (0, 1] (1.0 = the paper's full pass over the retain set) or a sample count")
+    p.add_argument("--remeasure", action="store_true",
+                   help="measure the model's metrics before healing again instead of reading the run's metrics.json")
     p.add_argument("--out", required=True, help="output folder to create (required)")
     _add_common(p)
     p.set_defaults(fn=cmd_heal)

@@ -63,7 +63,7 @@ def test_strategies_agree_on_monotone_traces(seed):
     a = np.sort(rng.choice([0.0, 0.1, 0.2, 0.3, 0.5, 0.8, 1.0], n))[::-1]
     a[-1] = min(a[-1], 0.1)  # guarantee a crossing somewhere
     want = brute_force(a, 0.2)
-    for strategy in ("linear", "waves", "bisect"):
+    for strategy in ("linear", "waves", "bisect", "bracket"):
         for window in (1, 3, 8):
             res, ev = run(a, strategy, window)
             assert res.k_star == want, (strategy, window)
@@ -98,15 +98,27 @@ def test_bisect_is_cheaper_on_long_monotone_trace():
     assert ev.calls[:4] == [0, 1, 3, 7]
 
 
+def test_bracket_takes_the_first_crossing_after_a_plateau_that_bisect_jumps():
+    # The shape measured on MNIST with a sampled I_r: a_k falls, hovers just above ρ·acc0
+    # from k = 70 to 126 with one dip at 80, and only drops for good at 127.
+    a = [1.0] * 64 + [0.5] * 6 + [0.27] * 10 + [0.15] + [0.3] * 46 + [0.1] * 10
+    assert brute_force(a, 0.2) == 80
+    bis, _ = run(a, "bisect")
+    br, ev = run(a, "bracket")
+    assert bis.k_star == 127  # bisection lands past the plateau: twice the selection
+    assert br.k_star == 80 and ev.calls[:8] == [0, 1, 3, 7, 15, 31, 63, 127] and ev.calls[8:] == list(range(64, 81))
+    assert br.evaluations < 81 / 2
+
+
 def test_crossing_at_zero_and_at_max_steps():
-    for strategy in ("linear", "waves", "bisect"):
+    for strategy in ("linear", "waves", "bisect", "bracket"):
         assert run([0.1, 0.1], strategy)[0].k_star == 0
         assert run([1.0] * 10 + [0.2], strategy)[0].k_star == 10  # a_k = ρ·acc0 counts as crossed
 
 
 def test_no_crossing_reports_trace_and_last_value():
     a = [1.0, 0.9, 0.8, 0.7, 0.6, 0.55]
-    for strategy in ("linear", "waves", "bisect"):
+    for strategy in ("linear", "waves", "bisect", "bracket"):
         with pytest.raises(PTNNoCrossing, match=r"last a_k=0\.5500 at k=5") as e:
             run(a, strategy, window=4)
         assert isinstance(e.value, PotionError)

@@ -183,3 +183,34 @@ def test_sharded_on_gpu_matches_cpu(ray_local, data):
     want = compute_importances(model_factory(), view_factory().subset(positions).batches(8), "xlf")
     got = sharded_importances(model_factory, view_factory, positions, "xlf", None, 8, 2, device="auto")
     _assert_rel_close(got, want, rel=1e-4)
+
+
+@pytest.mark.parametrize("sample", ["share", "auto"])
+def test_sharded_and_single_process_sampled_passes_agree(ray_local, data, sample):
+    from potion.pipeline.ray_importances import sharded_importance_sums
+    from potion.unlearning.importances import importance_sums
+    from potion.unlearning.sampling import AutoConfig, RetainSample, sampled_pass
+
+    model_factory, view_factory, positions = data
+    batch_size = 4  # 53 samples: 14 batches, so auto has checkpoints to stop at
+    auto = AutoConfig(levels=(0.05, 0.2), overlap=0.5, min_batches=3, min_share=0.0, growth=1.5)
+    spec = RetainSample("share", 0.6, 3) if sample == "share" else RetainSample("auto", None, 3, auto)
+    model = model_factory()
+    reference = compute_importances(model, view_factory().subset(positions[:9]).batches(batch_size), "xlf")
+    asked: list = []
+
+    def single(pos):
+        asked.append(np.asarray(pos).copy())
+        return importance_sums(model, view_factory().subset(positions[pos]).batches(batch_size), "xlf")
+
+    def sharded(pos):
+        return sharded_importance_sums(model_factory, view_factory, positions[pos], "xlf", None, batch_size, 2,
+                                       device="cpu")
+
+    want, rec_single = sampled_pass(single, len(positions), batch_size, spec, reference)
+    got, rec_sharded = sampled_pass(sharded, len(positions), batch_size, spec, reference)
+    _assert_rel_close(got, want)
+    assert rec_single["n_used"] == rec_sharded["n_used"] < len(positions)
+    assert rec_single["batches"] == rec_sharded["batches"]
+    if sample == "auto":
+        assert rec_single["converged"] and len(asked) >= 2  # stopped at a checkpoint after several rounds

@@ -57,8 +57,19 @@ class HealJob:
     # the result and keeps θ0 instead (benchmarks score such a cell as the unchanged model).
     on_no_crossing: Literal["error", "keep"] = "error"
     backend: Literal["local", "ray"] = "local"
-    ptn: PTNConfig = field(default_factory=PTNConfig)
+    # Gallop then scan upwards (ptn "bracket"): linear's k* unless a_k crosses between gallop
+    # points and rises again, in (k* - k*/2 + log k*) evaluations; --strategy linear is the
+    # paper's exact scan.
+    ptn: PTNConfig = field(default_factory=lambda: PTNConfig(strategy="bracket"))
     importance_batch_size: int = 512
+    # Retain importances from a sample of Dr: "auto" (stop once the ratio ranking that PTN
+    # reads has settled), a share in (0, 1], or a count; "1.0" is the paper's full pass.
+    retain_sample: str | float | int = "auto"
+    retain_sample_seed: int | None = None  # None: the job's seed
+    # θ0's metrics are read from the run folder's metrics.json; True measures them again.
+    remeasure: bool = False
+    eval_batch_size: int = 0  # 0: the largest that fits (see potion.metrics.eval_batch_size)
+    fast_eval: bool = True  # CUDA only: channels-last + bf16/fp16 autocast for evaluation and the search
     importance_augment: bool = False
     ssd_alpha: float = 10.0
     ssd_lambda: float = 1.0

@@ -16,12 +16,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from potion.config import to_dict
 from potion.datasets import draw_deletion_set
 from potion.errors import PotionError
 from potion.io import atomic_write, atomic_write_json, check_output_dir, refuse_inside
-from potion.metrics import accuracy, model_damage, poison_healed
+from potion.metrics import accuracy, eval_batch_size, model_damage, poison_healed
 from potion.models import save_checkpoint
 from potion.pipeline.configs import HealJob
 from potion.pipeline.heal_inputs import HealInputs, OwnerSource, RunSource, measure, model_at
@@ -29,6 +30,7 @@ from potion.pipeline.report import before_after_metrics
 from potion.pipeline.runs import MODEL_FILE, resolve_device
 from potion.unlearning.cache import ImportanceCache, hash_arrays
 from potion.unlearning.methods import METHODS, HealContext, HealResult, heal, importance_label
+from potion.unlearning.sampling import RetainSample, SampledImportances, parse_retain_sample, sampled_pass
 from potion.unlearning.ptn import NothingToHeal, PTNNoCrossing
 
 REPORT_FILE = "report.json"
@@ -95,9 +97,10 @@ def select_deletion_set(inputs: HealInputs, share, count, identified, seed) -> t
 
 # ---------------------------------------------------------------- importances
 def make_importance_fn(inputs: HealInputs, job: HealJob, state0: dict, deletion: np.ndarray, retain: np.ndarray,
-                       device: str, progress: bool):
+                       device: str, progress: bool, retain_view=None):
     """The importance pass that ``HealContext`` calls, with the on-disk cache in front and,
-    for the Ray backend, the retain-set pass sharded over workers."""
+    for the Ray backend, the retain-set pass sharded over workers. A sampled retain pass
+    (``sample=``) goes through ``potion.unlearning.sampling.sampled_pass`` on either backend."""
     cache = None if job.cache_dir == "none" else ImportanceCache(Path(job.cache_dir or default_cache_dir()))
     # The key covers the weights (state0), the model's code (spec + file sha256), the data
     # and transform (data_key) and the deletion set.
@@ -105,37 +108,61 @@ def make_importance_fn(inputs: HealInputs, job: HealJob, state0: dict, deletion:
         np.frombuffer(json.dumps(_spec_identity(inputs.spec), sort_keys=True).encode(), dtype=np.uint8),
         np.frombuffer(inputs.data_key.encode(), dtype=np.uint8), deletion,
     )
+    bs = job.importance_batch_size
+    ray_pass = functools.partial(_ray_sums, inputs, job, state0, retain, progress) if job.backend == "ray" else None
 
-    def compute(estimator, p, batches_fn, which):
-        from potion.unlearning.importances import compute_importances
+    def compute(estimator, p, batches_fn, which, sample: RetainSample | None = None, reference=None):
+        from potion.unlearning.importances import compute_importances, importance_sums
 
+        sampled = which == "retain" and sample is not None and not sample.is_full
         key = None
         if cache is not None:
             extra = f"{which}|augment={job.importance_augment}"
-            key = cache.key(state0, data_hash, estimator, p, job.importance_batch_size, extra=extra)
-            hit = cache.get(key)
+            if sampled:  # a full entry keeps its old key; a sampled one can never collide with it
+                extra += f"|sample={sample.label()}"
+            key = cache.key(state0, data_hash, estimator, p, bs, extra=extra)
+            hit = cache.get_entry(key)
             if hit is not None:
-                return hit
+                tensors, info = hit
+                return SampledImportances(tensors, (info or {}).get("retain_sample")) if sampled else tensors
+        record = None
         label = importance_label(estimator, which)
-        if job.backend == "ray" and which == "retain":
-            from potion.pipeline.ray_importances import sharded_importances
-
-            state_cpu = {k: v.detach().cpu() for k, v in state0.items()}
-            imp = sharded_importances(
-                functools.partial(model_at, inputs.spec, state_cpu), inputs.train_view_factory,
-                retain, estimator, p, job.importance_batch_size, job.importance_shards or None,
-                # the job's own device: "auto" lets shards ask for GPUs that a CPU head lacks
-                device=job.device, augment=job.importance_augment, progress=progress, desc=label,
-            )
+        if sampled:
+            if ray_pass is not None:
+                def sum_range(pos):
+                    return ray_pass(pos, estimator, p, label)
+            else:
+                def sum_range(pos):
+                    batches = retain_view.subset(pos).batches(bs, augment=job.importance_augment, device=device)
+                    return importance_sums(inputs.model, batches, estimator, p=p, device=device)
+            imp, record = sampled_pass(sum_range, len(retain), bs, sample, reference)
+            imp = SampledImportances(imp, record)
+        elif ray_pass is not None and which == "retain":
+            sums, k = ray_pass(np.arange(len(retain)), estimator, p, label)
+            imp = {n: s.div_(k) for n, s in sums.items()}
         else:
             n = len(deletion) if which == "forget" else len(retain)
             imp = compute_importances(inputs.model, batches_fn(), estimator, p=p, device=device, progress=progress,
                                       total=-(-n // job.importance_batch_size), desc=label)
         if cache is not None:
-            cache.put(key, imp)
+            cache.put(key, imp, info={"retain_sample": record} if record is not None else None)
         return imp
 
     return compute
+
+
+def _ray_sums(inputs: HealInputs, job: HealJob, state0: dict, retain: np.ndarray, progress: bool,
+              positions: np.ndarray, estimator, p, desc: str):
+    """Σ_b G(b) over the batches of ``retain[positions]``, sharded over Ray tasks."""
+    from potion.pipeline.ray_importances import sharded_importance_sums
+
+    state_cpu = {k: v.detach().cpu() for k, v in state0.items()}
+    return sharded_importance_sums(
+        functools.partial(model_at, inputs.spec, state_cpu), inputs.train_view_factory,
+        retain[positions], estimator, p, job.importance_batch_size, job.importance_shards or None,
+        # the job's own device: "auto" lets shards ask for GPUs that a CPU head lacks
+        device=job.device, augment=job.importance_augment, progress=progress, desc=desc,
+    )
 
 
 def _spec_identity(spec) -> dict:
@@ -151,6 +178,7 @@ def run_heal(source: str | Path | RunSource | OwnerSource, job: HealJob, out: st
     """Heal from a run folder (a path or :class:`RunSource`) or the owner's pieces (:class:`OwnerSource`)."""
     source = source if isinstance(source, (RunSource, OwnerSource)) else RunSource(source)
     METHODS.get(job.method)  # unknown method: fail before loading anything
+    parse_retain_sample(job.retain_sample)  # and a bad --retain-sample
     out = Path(out)
     if isinstance(source, RunSource):
         refuse_inside(out, source.run_dir, "the run folder")
@@ -197,7 +225,9 @@ def _heal(inputs: HealInputs, job: HealJob, out: Path, share, count, identified,
     view = inputs.train
     forget_view, retain_view = view.subset(deletion), view.subset(retain)
     bs = job.importance_batch_size
-    eval_bs = max(bs, 512)  # accuracy does not depend on the batch size; speed does
+    eval_bs = job.eval_batch_size or eval_batch_size(device)
+    retain_sample = parse_retain_sample(job.retain_sample,
+                                        job.seed if job.retain_sample_seed is None else job.retain_sample_seed)
     forget_batches = list(forget_view.batches(bs, augment=job.importance_augment, device=device))
 
     clean, triggered = inputs.clean_test, inputs.triggered_test
@@ -208,7 +238,12 @@ def _heal(inputs: HealInputs, job: HealJob, out: Path, share, count, identified,
         val_batches = list(clean.subset(pos).batches(eval_bs, device=device))
 
     model = inputs.model
-    before = _measured(model, inputs, forget_view, eval_bs, device)
+    recorded = None if job.remeasure else inputs.recorded_metrics
+    before_source = "metrics.json" if recorded is not None else "measured"
+    if recorded is not None:  # θ0 as training measured it; only the deletion set is new
+        before = {**recorded, "deletion_acc": accuracy(model, forget_view, eval_bs, device, job.fast_eval)}
+    else:
+        before = _measured(model, inputs, forget_view, eval_bs, device, job.fast_eval)
 
     state0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
     ctx = HealContext(
@@ -222,7 +257,13 @@ def _heal(inputs: HealInputs, job: HealJob, out: Path, share, count, identified,
         ptn=job.ptn,
         device=device,
         progress=progress,
-        importances=make_importance_fn(inputs, job, state0, deletion, retain, device, progress),
+        importances=make_importance_fn(inputs, job, state0, deletion, retain, device, progress, retain_view),
+        retain_sample=retain_sample,
+        retain_batches_at=lambda pos: retain_view.subset(pos).batches(bs, augment=job.importance_augment,
+                                                                      device=device),
+        n_retain=len(retain),
+        retain_batch_size=bs,
+        fast_eval=job.fast_eval,
         val_batches=val_batches,
         retrain=(functools.partial(inputs.retrain, view.subset(retain), device, progress)
                  if inputs.retrain is not None else None),
@@ -253,8 +294,12 @@ def _heal(inputs: HealInputs, job: HealJob, out: Path, share, count, identified,
         healed = inputs.spec.build()
         healed.load_state_dict(result.state_dict)
         healed.eval()
-        after = _measured(healed, inputs, forget_view, eval_bs, device)
+        if _unchanged(result.state_dict, state0):
+            after = dict(before)  # the same weights on the same data: θ0's metrics (e.g. --method none)
+        else:
+            after = _measured(healed, inputs, forget_view, eval_bs, device, job.fast_eval)
         report = _report(job, inputs, deletion, source, before, after, result, time.perf_counter() - t_start)
+        report["before_source"] = before_source
         if tracker:
             trace = result.info.get("trace") or []
             if job.backend != "ray":
@@ -266,14 +311,21 @@ def _heal(inputs: HealInputs, job: HealJob, out: Path, share, count, identified,
         if tracker:
             model_id = tracker.log_pytorch_model(healed, forget_batches[0][0], registered_name=job.register_model)
             tracker.log_metrics(before_after_metrics(report), model_id=model_id)
+            sample = report.get("retain_sample") or {}
+            tracker.log_metrics({f"retain_sample_{k}": sample[k] for k in ("n_used", "share_used", "batches")
+                                 if isinstance(sample.get(k), (int, float))})
             tracker.log_model(out / MODEL_FILE)
             tracker.log_files([out / REPORT_FILE, out / DELETION_FILE, *inputs.extra_files])
     return report
 
 
-def _measured(model, inputs: HealInputs, forget_view, bs: int, device: str) -> dict:
+def _measured(model, inputs: HealInputs, forget_view, bs: int, device: str, fast: bool = False) -> dict:
     """SPEC §4 metrics plus accuracy on the deletion set (with the labels it was trained with)."""
-    return {**measure(model, inputs, bs, device), "deletion_acc": accuracy(model, forget_view, bs, device)}
+    return {**measure(model, inputs, bs, device, fast), "deletion_acc": accuracy(model, forget_view, bs, device, fast)}
+
+
+def _unchanged(state: dict, state0: dict) -> bool:
+    return state.keys() == state0.keys() and all(torch.equal(state[k].cpu(), state0[k].cpu()) for k in state0)
 
 
 def resolve_tracking_uri(job: HealJob, out: Path) -> str | None:
@@ -362,6 +414,7 @@ def _report(job, inputs: HealInputs, deletion, source, before, after, result, to
         "k_star": info.pop("k_star", None),
         "s": info.pop("s", None),
         "alpha": info.pop("alpha", None),
+        "retain_sample": info.pop("retain_sample", None),
         "info": info,
         "trace": trace,
         "timings": {**result.timings, "wall_s": round(total_s, 3)},

@@ -28,7 +28,7 @@ from potion.datasets.stored import check_transform, read_triggered_test, resized
 from potion.errors import PotionError
 from potion.models import ModelSpec, load_weights, parse_model_spec, read_weights
 from potion.models.spec import file_sha256
-from potion.pipeline.runs import MANIFEST_FILE, MODEL_FILE, load_run
+from potion.pipeline.runs import MANIFEST_FILE, METRICS_FILE, MODEL_FILE, load_run
 from potion.unlearning.cache import hash_arrays
 
 NOT_MEASURED = ("ra and asr were not measured: no triggered test set was given "
@@ -52,6 +52,9 @@ class HealInputs:
     retrain: Callable[[LabeledView, str, bool], dict] | None = None  # eu: retrain with θ0's recipe
     extra_files: list[Path] = field(default_factory=list)  # logged to MLflow beside the outputs
     checkpoint_extra: dict = field(default_factory=dict)
+    # θ0's clean_acc/ra/asr as `potion train` measured them on these test sets (run folders
+    # healed with their own model.pt); the heal reuses them unless --remeasure.
+    recorded_metrics: dict | None = None
 
     @property
     def n_train(self) -> int:
@@ -62,14 +65,15 @@ class HealInputs:
         return None if self.manifest is None else self.manifest.poisoned_mask
 
 
-def measure(model: nn.Module, inputs: HealInputs, batch_size: int, device: str) -> dict:
+def measure(model: nn.Module, inputs: HealInputs, batch_size: int, device: str, fast: bool = False) -> dict:
     """SPEC §4 metrics; ra/asr are None (and said so) without a triggered test set."""
     from potion.metrics import accuracy, attack_metrics
 
     if inputs.triggered_test is None:
-        return {"clean_acc": accuracy(model, inputs.clean_test, batch_size, device), "ra": None, "asr": None,
+        return {"clean_acc": accuracy(model, inputs.clean_test, batch_size, device, fast), "ra": None, "asr": None,
                 "note": NOT_MEASURED}
-    return attack_metrics(model, inputs.clean_test, inputs.triggered_test, inputs.target, batch_size, device)
+    return attack_metrics(model, inputs.clean_test, inputs.triggered_test, inputs.target, batch_size, device,
+                          fast=fast)
 
 
 def model_at(spec: ModelSpec, state: dict[str, torch.Tensor]) -> nn.Module:
@@ -116,7 +120,20 @@ class RunSource:
             provenance=provenance, data_key=data_key, manifest=m, protected=run.path,
             retrain=functools.partial(_retrain_run, run), extra_files=[run.path / MANIFEST_FILE],
             checkpoint_extra={**(run.checkpoint.extra or {}), "healed_from": str(ckpt_path)},
+            recorded_metrics=None if self.checkpoint is not None else _recorded_metrics(run.path),
         )
+
+
+def _recorded_metrics(run_dir: Path) -> dict | None:
+    """metrics.json of a run folder, if it holds numeric clean_acc, ra and asr."""
+    try:
+        data = json.loads((Path(run_dir) / METRICS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    keys = ("clean_acc", "ra", "asr")
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), (int, float)) for k in keys):
+        return None
+    return {k: float(data[k]) for k in keys}
 
 
 def _run_train_view(run_dir: str) -> LabeledView:

@@ -54,6 +54,24 @@ def sharded_importances(
     batch_size: int,
     num_shards: int | None = None,
     device: str = "auto",
+    **kwargs,
+) -> dict[str, torch.Tensor]:
+    """``compute_importances`` over ``view_factory().subset(positions)`` in Ray tasks
+    (see :func:`sharded_importance_sums`)."""
+    sums, k = sharded_importance_sums(model_factory, view_factory, positions, estimator, p, batch_size,
+                                      num_shards, device, **kwargs)
+    return {n: s.div_(k) for n, s in sums.items()}
+
+
+def sharded_importance_sums(
+    model_factory: Callable[[], torch.nn.Module],
+    view_factory: Callable[[], object],
+    positions: np.ndarray,
+    estimator,
+    p: float | None,
+    batch_size: int,
+    num_shards: int | None = None,
+    device: str = "auto",
     *,
     num_gpus: float | None = None,
     num_cpus: float = 1.0,
@@ -61,8 +79,9 @@ def sharded_importances(
     seed: int = 0,
     progress: bool = False,
     desc: str = "importances (Ray shards)",
-) -> dict[str, torch.Tensor]:
-    """``compute_importances`` over ``view_factory().subset(positions)`` in Ray tasks.
+) -> tuple[dict[str, torch.Tensor], int]:
+    """``importance_sums`` over ``view_factory().subset(positions)`` in Ray tasks: Σ_b G(b)
+    over the batches cut every ``batch_size`` from ``positions``, and their number K.
 
     ``num_shards`` defaults to one per GPU (or CPU) of the cluster. ``device``: ``auto``
     (a task uses CUDA when it was given a GPU; tasks ask for ``num_gpus`` each, default 1
@@ -106,7 +125,7 @@ def sharded_importances(
         if cause is not None:
             raise PotionError(str(cause)) from None
         raise
-    return combine_sums(parts, n_batches)
+    return combine_sums(parts, n_batches, mean=False), n_batches
 
 
 def _gather(refs: list, sizes: list[int], n_batches: int, progress: bool, desc: str) -> list:
@@ -127,8 +146,11 @@ def _gather(refs: list, sizes: list[int], n_batches: int, progress: bool, desc: 
     return ray.get(refs)
 
 
-def combine_sums(parts: Sequence[tuple[dict[str, np.ndarray], int]], n_batches: int) -> dict[str, torch.Tensor]:
-    """Σ over shards (in shard order, so the result is deterministic) divided by total K."""
+def combine_sums(parts: Sequence[tuple[dict[str, np.ndarray], int]], n_batches: int,
+                 mean: bool = True) -> dict[str, torch.Tensor]:
+    """Σ over shards (in shard order, so the result is deterministic), divided by total K
+    unless ``mean`` is False."""
+
     total_k = sum(k for _, k in parts)
     if total_k != n_batches:
         raise PotionError(f"the importance shards covered {total_k} batches, expected {n_batches}")
@@ -138,5 +160,5 @@ def combine_sums(parts: Sequence[tuple[dict[str, np.ndarray], int]], n_batches: 
         acc = np.array(parts[0][0][n], dtype=np.float32, copy=True)  # shard arrays are read-only
         for sums, _ in parts[1:]:
             acc += sums[n]
-        out[n] = torch.from_numpy(acc).div_(total_k)
+        out[n] = torch.from_numpy(acc).div_(total_k) if mean else torch.from_numpy(acc)
     return out

@@ -189,6 +189,8 @@ class PTNSearcher(Searcher):
                  on_result: Callable[[StepResult], None] | None = None):
         super().__init__(metric="acc_forget", mode="min")
         self.on_result = on_result  # called on the driver as each step's result arrives
+        if strategy == "bracket":
+            strategy = "waves"  # in parallel, waves of the window give linear's exact k* at once
         if strategy not in ("linear", "waves", "bisect"):
             raise PotionError(f"unknown PTN strategy '{strategy}'; use linear, waves or bisect")
         if window < 1:

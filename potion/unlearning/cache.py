@@ -51,6 +51,14 @@ def tensors_checksum(tensors: Mapping[str, Tensor]) -> str:
     return h.hexdigest()
 
 
+def _entry_checksum(tensors: Mapping[str, Tensor], info_text: str | None) -> str:
+    """The tensors' checksum; an entry with an ``info`` text covers that text too."""
+    digest = tensors_checksum(tensors)
+    if info_text is None:
+        return digest  # the format of entries written before ``info`` existed
+    return hashlib.sha256(f"{digest}\0{info_text}".encode()).hexdigest()
+
+
 def hash_arrays(*arrays: np.ndarray) -> str:
     """sha256 of the arrays' dtypes, shapes and bytes, in order (a data fingerprint)."""
     h = hashlib.sha256()
@@ -99,6 +107,11 @@ class ImportanceCache:
         return self.root / f"{key}.safetensors"
 
     def get(self, key: str) -> dict[str, Tensor] | None:
+        entry = self.get_entry(key)
+        return None if entry is None else entry[0]
+
+    def get_entry(self, key: str) -> tuple[dict[str, Tensor], dict | None] | None:
+        """The cached tensors and the ``info`` they were stored with, or None on a miss."""
         path = self.path(key)
         if not path.is_file():
             return None
@@ -106,10 +119,12 @@ class ImportanceCache:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
                 tensors = {name: f.get_tensor(name) for name in f.keys()}
+            info_text = meta.get("info")
+            info = json.loads(info_text) if info_text is not None else None
             ok = (
                 meta.get("format") == CACHE_FORMAT
                 and meta.get("key") == key
-                and meta.get("checksum") == tensors_checksum(tensors)
+                and meta.get("checksum") == _entry_checksum(tensors, info_text)
             )
         except Exception as e:  # any unreadable file is a miss; its cause goes to the log
             log.warning("importance cache entry %s is unreadable (%s); recomputing", path, e)
@@ -118,7 +133,7 @@ class ImportanceCache:
             log.warning("importance cache entry %s failed its check; deleting it", path)
             path.unlink(missing_ok=True)
             return None
-        return tensors
+        return tensors, info
 
     def get_or_compute(self, key: str, compute: Callable[[], Mapping[str, Tensor]]) -> dict[str, Tensor]:
         """The cached entry, or ``compute()`` stored under ``key`` and returned."""
@@ -129,9 +144,14 @@ class ImportanceCache:
         self.put(key, value)
         return value
 
-    def put(self, key: str, tensors: Mapping[str, Tensor]) -> Path:
+    def put(self, key: str, tensors: Mapping[str, Tensor], info: dict | None = None) -> Path:
+        """Store ``tensors`` (and a small JSON-able ``info``, e.g. the retain sample) under ``key``."""
         path = self.path(key)
         # Fresh contiguous CPU copies: safetensors refuses views and shared storage.
         data = {n: t.detach().to("cpu").contiguous().clone() for n, t in tensors.items()}
-        meta = {"format": CACHE_FORMAT, "key": key, "checksum": tensors_checksum(data)}
+        meta = {"format": CACHE_FORMAT, "key": key}
+        info_text = None if info is None else json.dumps(info, sort_keys=True)
+        if info_text is not None:
+            meta["info"] = info_text
+        meta["checksum"] = _entry_checksum(data, info_text)
         return atomic_write(path, lambda tmp: save_file(data, tmp, metadata=meta))

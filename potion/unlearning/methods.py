@@ -19,13 +19,16 @@ from torch import nn
 from potion.errors import PotionError
 from potion.registry import Registry
 from potion.unlearning.dampening import dampen
-from potion.unlearning.importances import compute_importances
+from potion.unlearning.importances import compute_importances, importance_sums
+from potion.unlearning.sampling import RetainSample, SampledImportances, sampled_pass
 from potion.unlearning.ptn import PTNConfig, PTNResult, StepEvaluator, ptn_search
 
 Tensor = torch.Tensor
 StateDict = dict[str, Tensor]
 Which = Literal["forget", "retain"]
-ImportanceFn = Callable[[str, "float | None", Callable[[], Iterable], Which], Mapping[str, Tensor]]
+# (estimator, p, batches_fn, which) -> importances. A sampled retain pass is asked for with the
+# keywords ``sample`` (a RetainSample) and ``reference`` (I_f, which the auto rule ranks against).
+ImportanceFn = Callable[..., Mapping[str, Tensor]]
 
 # Goel et al.'s SSD tuning grid (SPEC §9): α values and λ as multiples of α.
 SSD_GRID_ALPHAS: tuple[float, ...] = (0.1, 1.0, 10.0, 50.0, 100.0, 500.0, 1e3, 1e4, 1e5, 1e6)
@@ -57,6 +60,14 @@ class HealContext:
     ssd_lambda: float = 1.0
     search: Callable[[StepEvaluator, PTNConfig], PTNResult] | None = None  # e.g. the Ray backend
     retain_total: int | None = None  # number of Dr batches, for the progress bar
+    # I_r from a sample of Dr (potion.unlearning.sampling); full = the paper's exact pass.
+    retain_sample: RetainSample = field(default_factory=RetainSample.full)
+    # Batches of Dr restricted to the given positions (in that order, cut every
+    # retain_batch_size): what a sampled pass reads when no ``importances`` plug-in is given.
+    retain_batches_at: Callable[[Any], Iterable] | None = None
+    n_retain: int | None = None
+    retain_batch_size: int | None = None
+    fast_eval: bool = False  # CUDA: channels-last + half-precision autocast in the search's checks
 
 
 @dataclass
@@ -70,11 +81,31 @@ class HealResult:
 METHODS: Registry[Callable[[HealContext], HealResult]] = Registry("unlearning method")
 
 
-def _importances(ctx: HealContext, estimator: str, which: Which) -> tuple[Mapping[str, Tensor], float]:
+def _sampled_retain(ctx: HealContext, estimator: str, reference: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+    if ctx.retain_batches_at is None or not ctx.n_retain or not ctx.retain_batch_size:
+        raise PotionError(
+            "a sampled retain pass needs retain_batches_at, n_retain and retain_batch_size in the HealContext; "
+            "give them or use RetainSample.full()"
+        )
+
+    def sum_range(positions):
+        return importance_sums(ctx.model, ctx.retain_batches_at(positions), estimator, device=ctx.device)
+
+    imp, record = sampled_pass(sum_range, ctx.n_retain, ctx.retain_batch_size, ctx.retain_sample, reference)
+    return SampledImportances(imp, record)
+
+
+def _importances(ctx: HealContext, estimator: str, which: Which,
+                 reference: Mapping[str, Tensor] | None = None) -> tuple[Mapping[str, Tensor], float]:
     batches_fn: Callable[[], Iterable] = (lambda: ctx.forget_batches) if which == "forget" else ctx.retain_batches
     t0 = time.perf_counter()
-    if ctx.importances is not None:
+    sampled = which == "retain" and not ctx.retain_sample.is_full
+    if ctx.importances is not None and sampled:
+        imp = ctx.importances(estimator, None, batches_fn, which, sample=ctx.retain_sample, reference=reference)
+    elif ctx.importances is not None:
         imp = ctx.importances(estimator, None, batches_fn, which)
+    elif sampled:
+        imp = _sampled_retain(ctx, estimator, reference)
     else:
         total = len(ctx.forget_batches) if which == "forget" else ctx.retain_total
         imp = compute_importances(
@@ -89,9 +120,21 @@ def importance_label(estimator: str, which: Which) -> str:
     return f"importances on {'deletion set Sf' if which == 'forget' else 'retain set Dr'} ({estimator})"
 
 
+def retain_sample_record(ctx: HealContext, imp_r: Mapping[str, Tensor]) -> dict[str, Any]:
+    """What the retain importances were computed on, for the report."""
+    record = getattr(imp_r, "record", None)
+    if record is not None:
+        return dict(record)
+    if ctx.retain_sample.is_full:
+        return {"mode": "full", "value": 1.0, "label": "full", "n_retain": ctx.n_retain, "n_used": ctx.n_retain,
+                "share_used": 1.0}
+    return {"mode": ctx.retain_sample.mode, "value": ctx.retain_sample.value, "label": ctx.retain_sample.label()}
+
+
 def _both_importances(ctx: HealContext, estimator: str) -> tuple[Mapping, Mapping, dict[str, float]]:
     imp_f, t_f = _importances(ctx, estimator, "forget")
-    imp_r, t_r = _importances(ctx, estimator, "retain")
+    # I_f first: a sampled retain pass ranks its running estimate against it.
+    imp_r, t_r = _importances(ctx, estimator, "retain", reference=imp_f)
     return imp_f, imp_r, {"importance_forget_s": t_f, "importance_retain_s": t_r}
 
 
@@ -110,7 +153,8 @@ def _ssd(ctx: HealContext) -> HealResult:
     """SSD with fisher importances and fixed (α, λ) (defaults 10, 1)."""
     imp_f, imp_r, timings = _both_importances(ctx, "fisher")
     state, n_sel = dampen(ctx.state0, imp_f, imp_r, ctx.ssd_alpha, ctx.ssd_lambda)
-    info = {"estimator": "fisher", "alpha": float(ctx.ssd_alpha), "lam": float(ctx.ssd_lambda), "n_selected": n_sel}
+    info = {"estimator": "fisher", "alpha": float(ctx.ssd_alpha), "lam": float(ctx.ssd_lambda), "n_selected": n_sel,
+            "retain_sample": retain_sample_record(ctx, imp_r)}
     return HealResult("ssd", state, info, timings)
 
 
@@ -152,6 +196,7 @@ def _ssd_grid(ctx: HealContext) -> HealResult:
         **point,
         "grid": grid,
         "uses_ground_truth": True,
+        "retain_sample": retain_sample_record(ctx, imp_r),
         "note": "benchmark only: (alpha, lambda) chosen with a score that reads ground truth (SPEC §9)",
     }
     return HealResult("ssd_grid", state, info, timings)
@@ -163,14 +208,15 @@ def _ptn_method(name: str, estimator: str) -> Callable[[HealContext], HealResult
         t0 = time.perf_counter()
         evaluator = StepEvaluator(
             ctx.model, ctx.state0, imp_f, imp_r, ctx.forget_batches, ctx.n_forget, ctx.n_total,
-            ctx.ptn, val_batches=ctx.val_batches, device=ctx.device,
+            ctx.ptn, val_batches=ctx.val_batches, device=ctx.device, fast=ctx.fast_eval,
         )
         if ctx.search is not None:
             res = ctx.search(evaluator, ctx.ptn)
         else:
             res = ptn_search(evaluator, ctx.ptn, progress=ctx.progress)
         timings["search_s"] = time.perf_counter() - t0
-        info = {"estimator": estimator, "lam": 1.0, "ptn": dataclasses.asdict(ctx.ptn), **res.to_dict()}
+        info = {"estimator": estimator, "lam": 1.0, "ptn": dataclasses.asdict(ctx.ptn),
+                "retain_sample": retain_sample_record(ctx, imp_r), **res.to_dict()}
         return HealResult(name, res.state_dict, info, timings)
 
     run.__doc__ = f"PTN search (SPEC §8) over SSD dampening with {estimator} importances."

@@ -17,11 +17,12 @@ import torch
 from torch import nn
 
 from potion.errors import PotionError
+from potion.metrics import fast_inference
 from potion.progress import progress_bar
 from potion.unlearning.dampening import RatioQuantiles, dampen, importance_ratios, percentile_for_share
 
 Tensor = torch.Tensor
-STRATEGIES = ("linear", "waves", "bisect")
+STRATEGIES = ("linear", "waves", "bisect", "bracket")
 
 
 @dataclass
@@ -30,7 +31,7 @@ class PTNConfig:
     step: float = 1.1
     buffer: float = 25.0
     max_steps: int = 500
-    strategy: Literal["linear", "waves", "bisect"] = "linear"
+    strategy: Literal["linear", "waves", "bisect", "bracket"] = "linear"
     window: int = 4
 
     def __post_init__(self) -> None:
@@ -176,10 +177,16 @@ class StepEvaluator:
         config: PTNConfig | None = None,
         val_batches: Sequence | Callable[[], Iterable] | None = None,
         device: str | torch.device = "cpu",
+        fast: bool = False,
     ):
         self.config = config or PTNConfig()
         self.device = torch.device(device)
         self.model = model.to(self.device)
+        # CUDA only: channels-last weights and half-precision autocast for the accuracy
+        # checks; θ_k itself is still built in fp32 from fp32 importances.
+        self.fast = bool(fast) and self.device.type == "cuda"
+        if self.fast:
+            self.model.to(memory_format=torch.channels_last)
         self.state0 = {n: t.detach().to(self.device).clone() for n, t in state0.items()}
         self.imp_f = {n: t.to(self.device) for n, t in imp_f.items()}
         self.imp_r = {n: t.to(self.device) for n, t in imp_r.items()}
@@ -215,9 +222,11 @@ class StepEvaluator:
         self.model.eval()
         correct = total = 0
         try:
-            with torch.no_grad():
+            with torch.no_grad(), fast_inference(self.device, self.fast):
                 for batch in batches:
                     x, y = batch[0].to(self.device), batch[1].to(self.device)
+                    if self.fast and x.dim() == 4:
+                        x = x.contiguous(memory_format=torch.channels_last)
                     correct += int((self.model(x).argmax(dim=1) == y).sum())
                     total += int(y.shape[0])
         finally:
@@ -332,7 +341,29 @@ def _bisect(memo: _Memo, cfg: PTNConfig, threshold: float) -> StepResult | None:
     return memo.results[hi]
 
 
-_STRATEGY_FNS = {"linear": _linear, "waves": _waves, "bisect": _bisect}
+def _bracket(memo: _Memo, cfg: PTNConfig, threshold: float) -> StepResult | None:
+    # Gallop k = 0, 1, 3, 7, … to the first crossing hi, then scan lo+1, lo+2, … upwards from
+    # the last gallop point below it. Unlike bisection it returns the FIRST crossing after lo
+    # even where a_k hovers just above ρ·acc0 for a stretch and dips below only later
+    # (measured on MNIST: bisect jumped such a plateau to a step with 2x the selection);
+    # it equals linear's k* whenever no k < lo between gallop points crosses.
+    lo, j = -1, 0
+    while True:
+        k = min(2**j - 1, cfg.max_steps)
+        if memo.one(k).acc_forget <= threshold:
+            break
+        lo = k
+        if k == cfg.max_steps:
+            return None
+        j += 1
+    for k in range(lo + 1, cfg.max_steps + 1):
+        r = memo.one(k)
+        if r.acc_forget <= threshold:
+            return r
+    return None
+
+
+_STRATEGY_FNS = {"linear": _linear, "waves": _waves, "bisect": _bisect, "bracket": _bracket}
 
 
 def ptn_search(evaluator: Any, config: PTNConfig | None = None, *, progress: bool = False) -> PTNResult:
