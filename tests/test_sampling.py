@@ -137,24 +137,23 @@ def tiny_run(tmp_path_factory):
 def _importance_fn(run_dir, cache_dir, **job):
     from potion.pipeline.configs import HealJob
     from potion.pipeline.heal import make_importance_fn
-    from potion.pipeline.runs import load_run
+    from potion.pipeline.heal_inputs import RunSource
 
-    run = load_run(run_dir)
+    inputs = RunSource(run_dir).load()
     job = HealJob(cache_dir=str(cache_dir), importance_batch_size=64, **job)
-    n = run.manifest.table.num_rows
-    deletion = np.flatnonzero(run.manifest.poisoned_mask)[:10]
-    retain = np.setdiff1d(np.arange(n), deletion)
-    rview = run.train_view().subset(retain)
-    state0 = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
-    fn = make_importance_fn(run, job, state0, deletion, retain, "cpu", False, rview)
-    return fn, run, rview
+    deletion = np.flatnonzero(inputs.poisoned_mask)[:10]
+    retain = np.setdiff1d(np.arange(inputs.n_train), deletion)
+    rview = inputs.train.subset(retain)
+    state0 = {k: v.detach().clone() for k, v in inputs.model.state_dict().items()}
+    fn = make_importance_fn(inputs, job, state0, deletion, retain, "cpu", False, rview)
+    return fn, inputs, rview
 
 
 def test_full_sample_equals_the_paper_pass_exactly_and_cache_keeps_samples_apart(tiny_run, tmp_path):
     from potion.unlearning.importances import compute_importances
 
     cache_dir = tmp_path / "cache"
-    fn, run, rview = _importance_fn(tiny_run, cache_dir)
+    fn, run, rview = _importance_fn(tiny_run, cache_dir)  # run: the HealInputs
     batches_fn = lambda: rview.batches(64)  # noqa: E731
     want = compute_importances(run.model, rview.batches(64), "xlf")
     full = fn("xlf", None, batches_fn, "retain", sample=parse_retain_sample("1.0"), reference=None)
@@ -162,7 +161,7 @@ def test_full_sample_equals_the_paper_pass_exactly_and_cache_keeps_samples_apart
     assert not isinstance(full, SampledImportances)
     assert len(list(cache_dir.iterdir())) == 1
 
-    imp_f = compute_importances(run.model, run.train_view().subset(np.arange(10)).batches(64), "xlf")
+    imp_f = compute_importances(run.model, run.train.subset(np.arange(10)).batches(64), "xlf")
     sample = parse_retain_sample("0.25", seed=1)
     part = fn("xlf", None, batches_fn, "retain", sample=sample, reference=imp_f)
     assert isinstance(part, SampledImportances) and part.record["label"] == sample.label()
@@ -191,7 +190,8 @@ def test_heal_records_the_sample_and_reads_theta0_metrics_from_the_run(tiny_run,
     assert rep["config"]["retain_sample"] == "0.5"
     assert rep["before_source"] == "metrics.json"
     recorded = json.loads((tiny_run / "metrics.json").read_text())
-    assert rep["before"] == {k: recorded[k] for k in ("clean_acc", "ra", "asr")}
+    assert {k: rep["before"][k] for k in ("clean_acc", "ra", "asr")} == {k: recorded[k] for k in ("clean_acc", "ra", "asr")}
+    assert 0 <= rep["before"]["deletion_acc"] <= 1
     rep2 = run_heal(tiny_run, HealJob(method="none", remeasure=True, **base), tmp_path / "b", share=0.5,
                     progress=False)
     assert rep2["before_source"] == "measured"
