@@ -149,6 +149,15 @@ def direct_k_star(case: dict, step: float = 2.0, batch_size: int = 512) -> int:
         return [(x[idx[i:i + batch_size]], torch.from_numpy(y[idx[i:i + batch_size]]))
                 for i in range(0, len(idx), batch_size)]
 
+    # The heal's defaults: its retain sample (drawn from the positions of Dr) and its search.
+    from potion.pipeline.configs import HealJob
+    from potion.unlearning.sampling import parse_retain_sample
+
+    job = HealJob()
     ctx = HealContext(model=model, state0=model.state_dict(), retain_batches=lambda: chunks(retain),
-                      forget_batches=chunks(found), n_forget=len(found), n_total=len(y), ptn=PTNConfig(step=step))
+                      forget_batches=chunks(found), n_forget=len(found), n_total=len(y),
+                      ptn=PTNConfig(step=step, strategy=job.ptn.strategy),
+                      retain_sample=parse_retain_sample(job.retain_sample, job.seed),
+                      retain_batches_at=lambda pos: chunks(retain[pos]), n_retain=len(retain),
+                      retain_batch_size=batch_size)
     return heal("xlf_ptn", ctx).info["k_star"]

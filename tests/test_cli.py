@@ -61,7 +61,7 @@ def test_heal_local_writes_model_and_report(run_dir, tmp_path, capsys, monkeypat
     monkeypatch.setattr(LabeledView, "batches", counting)
     out = tmp_path / "healed"
     rc = main(["heal", "--run", str(run_dir), "--discovery-share", "0.3", "--method", "xlf_ptn", "--backend", "local",
-               "--out", str(out), "--quiet", "--step", "1.5", "--tracking-uri", "none", "--cache-dir", "none"])
+               "--out", str(out), "--quiet", "--step", "1.5", "--strategy", "linear", "--tracking-uri", "none", "--cache-dir", "none"])
     assert rc == 0, capsys.readouterr().err
     rep = json.loads((out / "report.json").read_text())
     for key in ("k_star", "s", "alpha", "rho", "trace", "timings", "before", "after"):
