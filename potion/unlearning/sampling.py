@@ -7,8 +7,10 @@ q(s) share of them. ``auto`` therefore streams batches of a seeded permutation o
 stops once that ranking has settled: at checkpoints of the running mean it compares the
 sets of elements that would be selected at several selected shares with the sets at the
 previous checkpoint, and stops when every overlap reaches ``AutoConfig.overlap``. The
-constants of :class:`AutoConfig` come from the measurements in
-``benchmarks/results/heal_speed.md``.
+constants of :class:`AutoConfig` are a first choice, not yet tuned: the one MNIST cell in
+``benchmarks/results/heal_speed.md`` stopped at 46 % of Dr and still lost 4.5 points of
+healing against the full pass. On small data the floors (16 batches, 5 % of Dr) make
+``auto`` read all of Dr, which is the fall-back to the full sample.
 
 Everything here is independent of where the batches are computed: the single-process
 pass and the Ray-sharded pass both hand :func:`sampled_pass` a ``sum_range(positions)``
@@ -38,7 +40,7 @@ AUTO_RULE_VERSION = "auto-v1"
 
 @dataclass(frozen=True)
 class AutoConfig:
-    """The constants of the ``auto`` rule (their defaults are justified in heal_speed.md)."""
+    """The constants of the ``auto`` rule (first choices; see benchmarks/results/heal_speed.md)."""
 
     # The selected shares watched: PTN's selection at step k is the top ln(1 + 100·s_k)/100
     # of the ratios, which at the crossings measured lies between ~0.3 % and ~5 % of the
