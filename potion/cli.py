@@ -278,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="retain importances from: auto (default: stop once the estimate has settled), a share "
                         "in (0, 1] (1.0 = the paper's full pass over the retain set) or a sample count")
     p.add_argument("--remeasure", action="store_true",
-                   help="measure the model's metrics before healing again instead of reading the run's metrics.json")
+                   help="measure the model's metrics before healing again "
+                        "(default: read them from the run's metrics.json)")
     p.add_argument("--out", required=True, help="output folder to create (required)")
     _add_common(p)
     p.set_defaults(fn=cmd_heal)
