@@ -19,7 +19,7 @@ for the cases run (the smallest speedup and the most negative deltas over cases;
 are default minus paper in points, each the mean over shares × seeds).
 
 A case's run folder is trained when missing (``--run`` or WORK/<case>/model). The data
-root comes from ``--data-root`` or ``POTION_DATA``.
+root comes from ``--data-root``, else ``POTION_DATA``, else ``data/`` in the repository.
 """
 from __future__ import annotations
 
