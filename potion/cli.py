@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_owner_flags(p)
     p.add_argument("--device", help="cpu, cuda, cuda:1 or auto (default: auto)")
     p.add_argument("--out", help="also write the metrics to this JSON file (default: print them only)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file (default: refuse)")
     p.set_defaults(fn=cmd_evaluate)
 
     p = sub.add_parser("heal", help="unlearn a partly identified poison from a trained run or your own model")
