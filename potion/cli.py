@@ -134,9 +134,10 @@ def cmd_evaluate(args) -> int:
 
     source = source_from_args(args)
     if isinstance(source, RunSource):
-        metrics = run_evaluate(args.run, args.checkpoint, device=args.device or "auto")
+        metrics = run_evaluate(args.run, args.checkpoint, device=args.device or "auto", out=args.out,
+                               overwrite=args.overwrite)
     else:
-        metrics = evaluate_owner(source, device=args.device or "auto")
+        metrics = evaluate_owner(source, device=args.device or "auto", out=args.out, overwrite=args.overwrite)
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -239,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="evaluate this checkpoint against the run's data (default: the run's model)")
     _add_owner_flags(p)
     p.add_argument("--device", help="cpu, cuda, cuda:1 or auto (default: auto)")
+    p.add_argument("--out", help="also write the metrics to this JSON file (default: print them only)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file (default: refuse)")
     p.set_defaults(fn=cmd_evaluate)
 
     p = sub.add_parser("heal", help="unlearn a partly identified poison from a trained run or your own model")
@@ -330,14 +333,18 @@ def main(argv: list[str] | None = None) -> int:
     # MLflow announces routine database set-up at INFO; the user asked for none of it.
     # It reads this variable when it configures its loggers on import.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    try:
-        return args.fn(args)
-    except PotionError as e:
-        print(f"potion: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("potion: interrupted; finished outputs were left as they were", file=sys.stderr)
-        return 130
+    from potion.interrupts import describe, exit_status, handle_signals
+
+    with handle_signals():  # the status is read inside: it needs the signal that arrived
+        try:
+            return args.fn(args)
+        except PotionError as e:
+            print(f"potion: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as e:
+            print(f"potion: interrupted by {describe(e)}; nothing was written, earlier outputs were left as they were",
+                  file=sys.stderr)
+            return exit_status(e)
 
 
 if __name__ == "__main__":

@@ -126,3 +126,31 @@ def test_hash_arrays():
     assert len({h, *others}) == len(others) + 1
     assert hash_arrays(a[::2]) == hash_arrays(np.array([0, 2, 4], dtype=np.int64))  # views hash by value
     assert len(hash_arrays(np.zeros(0))) == 64
+
+
+def test_entry_rewritten_with_a_matching_checksum_is_not_trusted(tmp_path):
+    """A checksum anyone can recompute proves nothing: the entry must carry this user's MAC."""
+    from safetensors.torch import save_file
+
+    from potion.unlearning.cache import CACHE_FORMAT, tensors_checksum
+
+    cache = ImportanceCache(tmp_path / "shared", secret=b"mine")
+    k = key(cache, model())
+    cache.put(k, imps())
+    forged = {n: torch.zeros_like(t) for n, t in imps().items()}
+    meta = {"format": CACHE_FORMAT, "key": k, "checksum": tensors_checksum(forged), "mac": "0" * 64}
+    save_file(forged, str(cache.path(k)), metadata=meta)
+    assert cache.get(k) is None and not cache.path(k).exists()
+    # another user's entry (another secret) is a miss too, not an error
+    ImportanceCache(tmp_path / "shared", secret=b"theirs").put(k, imps())
+    assert cache.get(k) is None
+
+
+def test_default_secret_is_private_and_stable(tmp_path, monkeypatch):
+    from potion.unlearning.cache import default_secret
+
+    monkeypatch.setenv("POTION_CACHE", str(tmp_path / "c"))
+    monkeypatch.delenv("POTION_CACHE_SECRET", raising=False)
+    a = default_secret()
+    assert a == default_secret() and len(a) == 32
+    assert (tmp_path / "c" / "cache-secret").stat().st_mode & 0o777 == 0o600

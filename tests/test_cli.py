@@ -73,9 +73,12 @@ def test_heal_local_writes_model_and_report(run_dir, tmp_path, capsys, monkeypat
     n_retain = rep["deletion_set"]["n_train"] - rep["deletion_set"]["size"]
     assert passes.count(n_retain) == 1, passes
     assert rep["timings"]["importance_retain_s"] > 0 and rep["timings"]["search_s"] > 0
+    files = sorted(p.name for p in out.iterdir())
     assert main(["evaluate", "--run", str(run_dir), "--checkpoint", str(out / "model.pt")]) == 0
-    assert (out / "model.metrics.json").is_file()
-    m = json.loads((out / "model.metrics.json").read_text())
+    assert sorted(p.name for p in out.iterdir()) == files  # printed only: nothing written beside the model
+    assert main(["evaluate", "--run", str(run_dir), "--checkpoint", str(out / "model.pt"),
+                 "--out", str(tmp_path / "m.json")]) == 0
+    m = json.loads((tmp_path / "m.json").read_text())
     assert m["clean_acc"] == pytest.approx(rep["after"]["clean_acc"])
 
 

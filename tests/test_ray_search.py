@@ -128,11 +128,17 @@ def test_bisect_window_one_probes_the_same_steps_as_the_local_bisect():
         assert (s.crossing().k if s.crossing() else None) == local
 
 
-def test_searcher_stops_after_a_failed_trial_and_checks_its_arguments():
+def test_searcher_reruns_a_dead_trial_once_stops_on_an_error_and_checks_its_arguments():
     s = PTNSearcher(0.2, 10, 2, "waves")
     assert s.suggest("a") == {"k": 0}
-    s.on_trial_complete("a", None, error=True)
-    assert s.failed and s.suggest("b") == FINISHED
+    s.on_trial_complete("a", None, error=True)  # the worker died: k is a pure function, run it again
+    assert not s.failed and s.suggest("b") == {"k": 0}
+    s.on_trial_complete("b", None, error=True)  # died again: give up
+    assert s.failed and s.suggest("c") == FINISHED
+    s = PTNSearcher(0.2, 10, 2, "bisect")
+    assert s.suggest("a") == {"k": 0}
+    s.on_trial_complete("a", {"k": 0, "error": "ValueError: bad"})  # raised inside: never retried
+    assert "ValueError: bad" in s.failed and s.suggest("b") == FINISHED
     with pytest.raises(PotionError, match="strategy"):
         PTNSearcher(0.2, 10, 2, "spiral")
     with pytest.raises(PotionError, match="window"):

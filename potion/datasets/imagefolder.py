@@ -69,7 +69,7 @@ def imagefolder(
         raise PotionError(f"imagefolder: image_size must be a positive integer, got {image_size!r}")
     if not root.is_dir():
         raise PotionError(f"imagefolder: {absent(root)}; {layout}")
-    train_files, train_names = scan(root / train_dir, layout)
+    train_files, train_names = scan(root / train_dir, layout, every_class=True)
     test_files, test_names = scan(root / test_dir, layout)
     classes = sorted(set(train_names))
     unknown = sorted(set(test_names) - set(classes))
@@ -83,8 +83,11 @@ def imagefolder(
     return DatasetSplits(root.name or str(root), train, test, IMAGENET_MEAN, IMAGENET_STD, hflip=True)
 
 
-def scan(split: Path, layout: str) -> tuple[list[str], list[str]]:
-    """Image paths (sorted, so indices are stable) and the class folder of each."""
+def scan(split: Path, layout: str, every_class: bool = False) -> tuple[list[str], list[str]]:
+    """Image paths (sorted, so indices are stable) and the class folder of each.
+
+    With ``every_class`` (the training split, which defines the classes) a class folder
+    without images is an error: dropping it would silently renumber every later class."""
     if not split.is_dir():
         raise PotionError(f"imagefolder: {absent(split)}; {layout}")
     files: list[str] = []
@@ -94,6 +97,11 @@ def scan(split: Path, layout: str) -> tuple[list[str], list[str]]:
         found = sorted(
             str(p) for p in d.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file() and not p.name.startswith(".")
         )
+        if every_class and not found:
+            raise PotionError(
+                f"imagefolder: class folder {d} has no image files; add its images or remove the folder "
+                f"(classes are numbered in sorted folder order, so an empty one would shift the labels); {layout}"
+            )
         files.extend(found)
         names.extend([d.name] * len(found))
     if not files:

@@ -21,7 +21,7 @@ import torch
 from potion.config import to_dict
 from potion.datasets import draw_deletion_set
 from potion.errors import PotionError
-from potion.io import atomic_write, atomic_write_json, check_output_dir, refuse_inside
+from potion.io import atomic_write, atomic_write_json, make_dirs, refuse_overlap, staged_output_dir
 from potion.metrics import accuracy, eval_batch_size, model_damage, poison_healed
 from potion.models import save_checkpoint
 from potion.pipeline.configs import HealJob
@@ -43,28 +43,76 @@ def default_cache_dir() -> Path:
 
 # ---------------------------------------------------------------- deletion set
 def read_identified(path: str | Path, n_total: int) -> np.ndarray:
-    """Indices of D the owner identified as poison, from CSV (one index per row, optional
-    ``index`` header) or Parquet (an ``index`` column)."""
+    """Indices of D the owner identified as poison, from CSV (one index per line, optional
+    ``index`` header; with a header, its ``index`` column) or Parquet (an integer
+    ``index`` column). Anything else is refused with the line or value at fault: a
+    silently truncated 3.7 or a dropped first row would heal the wrong samples."""
     path = Path(path)
     if not path.is_file():
-        raise PotionError(f"identified-samples file {path} does not exist")
+        raise PotionError(f"identified-samples file {path} does not exist or is not a file")
+    expected = ("expected a CSV with one integer index per line (optional header 'index') "
+                "or a Parquet file with an integer 'index' column")
     try:
         if path.suffix.lower() in (".parquet", ".pq"):
-            table = pq.read_table(path)
-            if "index" not in table.column_names:
-                raise PotionError(f"{path} has no 'index' column (columns: {', '.join(table.column_names)})")
-            values = table.column("index").to_numpy()
+            values = _identified_parquet(path, expected)
         else:
-            rows = [r.strip().split(",")[0] for r in path.read_text().splitlines() if r.strip()]
-            if rows and not rows[0].lstrip("-").isdigit():
-                rows = rows[1:]  # header
-            values = np.array([int(r) for r in rows], dtype=np.int64)
-    except (ValueError, pa.ArrowInvalid) as e:
-        raise PotionError(
-            f"cannot read identified samples from {path}: {e}; expected a CSV with one integer index per line "
-            "(optional header 'index') or a Parquet file with an integer 'index' column"
-        ) from None
+            values = _identified_csv(path, expected)
+    except (ValueError, OSError, pa.ArrowException) as e:
+        raise PotionError(f"cannot read identified samples from {path}: {e}; {expected}") from None
     return validate_indices(values, n_total, str(path))
+
+
+def _identified_parquet(path: Path, expected: str) -> np.ndarray:
+    table = pq.read_table(path)
+    if "index" not in table.column_names:
+        raise PotionError(f"{path} has no 'index' column (columns: {', '.join(table.column_names)}); {expected}")
+    col = table.column("index")
+    if col.null_count:
+        raise PotionError(f"{path}: the 'index' column has {col.null_count} empty (null) values; {expected}")
+    if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
+        raise PotionError(f"{path}: the 'index' column holds {col.type}, not integers; {expected}")
+    values = col.to_numpy()
+    if pa.types.is_floating(col.type):
+        frac = values[~np.isfinite(values) | (values != np.round(values))]
+        if frac.size:
+            raise PotionError(f"{path}: the 'index' column holds {frac[0]!r}, which is not a whole number; {expected}")
+    return values.astype(np.int64)
+
+
+def _identified_csv(path: Path, expected: str) -> np.ndarray:
+    import csv
+
+    lines = [(n, ln) for n, ln in enumerate(path.read_text().splitlines(), 1) if ln.strip()]
+    if not lines:
+        return np.zeros(0, dtype=np.int64)
+    rows = [(n, [f.strip() for f in next(csv.reader([ln]))]) for n, ln in lines]
+    col = 0
+    first = rows[0][1]
+    if not _is_int(first[0]):
+        names = [f.lower() for f in first]
+        if "index" not in names:
+            raise PotionError(
+                f"{path}, line {rows[0][0]}: '{lines[0][1].strip()}' is neither an integer index nor a header "
+                f"with an 'index' column; {expected}"
+            )
+        col, rows = names.index("index"), rows[1:]
+    width = len(first)
+    if width > 1 and _is_int(first[0]):
+        raise PotionError(f"{path}, line {lines[0][0]}: {width} values on one line; put one index per line "
+                          f"(or add a header naming the 'index' column); {expected}")
+    values = []
+    for n, fields in rows:
+        if len(fields) != width:
+            raise PotionError(f"{path}, line {n}: {len(fields)} fields where the first line has {width}; {expected}")
+        if not _is_int(fields[col]):
+            raise PotionError(f"{path}, line {n}: '{fields[col]}' is not an integer index; {expected}")
+        values.append(int(fields[col]))
+    return np.array(values, dtype=np.int64)
+
+
+def _is_int(text: str) -> bool:
+    t = text.strip()
+    return t.lstrip("+-").isdigit() and t.count("-") + t.count("+") <= 1
 
 
 def validate_indices(values: np.ndarray, n_total: int, where: str) -> np.ndarray:
@@ -95,9 +143,29 @@ def select_deletion_set(inputs: HealInputs, share, count, identified, seed) -> t
     return validate_indices(idx, n_total, f"manifest draw ({what})"), f"manifest draw ({what}, seed {seed})"
 
 
+def check_deletion_is_poison(inputs: HealInputs, deletion: np.ndarray, source: str) -> None:
+    """A deletion set of clean samples makes PTN search to max_steps for a crossing that
+    cannot come; when the run's manifest knows the poison, say so at once."""
+    gt = inputs.poisoned_mask
+    if gt is None or not gt.any():
+        return  # no ground truth: the owner's own data, or a manifest without poison
+    hits = int(gt[deletion].sum())
+    if hits == 0:
+        raise PotionError(
+            f"none of the {len(deletion)} samples of the deletion set ({source}) is poisoned according to the run's "
+            "poison manifest; PTN unlearns the poison through them. Pass the indices of samples you found "
+            "carrying the trigger"
+        )
+    if hits < len(deletion):
+        import sys
+
+        print(f"potion: warning: {len(deletion) - hits} of the {len(deletion)} samples of the deletion set ({source}) "
+              "are not poisoned according to the run's manifest; they dilute the forget importances", file=sys.stderr)
+
+
 # ---------------------------------------------------------------- importances
 def make_importance_fn(inputs: HealInputs, job: HealJob, state0: dict, deletion: np.ndarray, retain: np.ndarray,
-                       device: str, progress: bool, retain_view=None):
+                       device: str, progress: bool, retain_view=None, placement: dict | None = None):
     """The importance pass that ``HealContext`` calls, with the on-disk cache in front and,
     for the Ray backend, the retain-set pass sharded over workers. A sampled retain pass
     (``sample=``) goes through ``potion.unlearning.sampling.sampled_pass`` on either backend."""
@@ -109,7 +177,7 @@ def make_importance_fn(inputs: HealInputs, job: HealJob, state0: dict, deletion:
         np.frombuffer(inputs.data_key.encode(), dtype=np.uint8), deletion,
     )
     bs = job.importance_batch_size
-    ray_pass = functools.partial(_ray_sums, inputs, job, state0, retain, progress) if job.backend == "ray" else None
+    ray_pass = functools.partial(_ray_sums, inputs, job, state0, retain, progress, placement) if job.backend == "ray" else None
 
     def compute(estimator, p, batches_fn, which, sample: RetainSample | None = None, reference=None):
         from potion.unlearning.importances import compute_importances, importance_sums
@@ -152,7 +220,7 @@ def make_importance_fn(inputs: HealInputs, job: HealJob, state0: dict, deletion:
 
 
 def _ray_sums(inputs: HealInputs, job: HealJob, state0: dict, retain: np.ndarray, progress: bool,
-              positions: np.ndarray, estimator, p, desc: str):
+              placement: dict | None, positions: np.ndarray, estimator, p, desc: str):
     """Σ_b G(b) over the batches of ``retain[positions]``, sharded over Ray tasks."""
     from potion.pipeline.ray_importances import sharded_importance_sums
 
@@ -161,7 +229,7 @@ def _ray_sums(inputs: HealInputs, job: HealJob, state0: dict, retain: np.ndarray
         functools.partial(model_at, inputs.spec, state_cpu), inputs.train_view_factory,
         retain[positions], estimator, p, job.importance_batch_size, job.importance_shards or None,
         # the job's own device: "auto" lets shards ask for GPUs that a CPU head lacks
-        device=job.device, augment=job.importance_augment, progress=progress, desc=desc,
+        device=job.device, augment=job.importance_augment, progress=progress, desc=desc, placement=placement,
     )
 
 
@@ -175,39 +243,54 @@ def _spec_identity(spec) -> dict:
 def run_heal(source: str | Path | RunSource | OwnerSource, job: HealJob, out: str | Path, *,
              share: float | None = None, count: int | None = None, identified: str | Path | None = None,
              overwrite: bool = False, progress: bool = True) -> dict:
-    """Heal from a run folder (a path or :class:`RunSource`) or the owner's pieces (:class:`OwnerSource`)."""
+    """Heal from a run folder (a path or :class:`RunSource`) or the owner's pieces (:class:`OwnerSource`).
+
+    Everything (model, report, deletion set, MLflow store, Ray results) is built in a
+    staging folder beside ``out`` and swapped in only when the heal succeeds."""
+    from potion.pipeline.checks import check_heal_job
+
     source = source if isinstance(source, (RunSource, OwnerSource)) else RunSource(source)
     METHODS.get(job.method)  # unknown method: fail before loading anything
     parse_retain_sample(job.retain_sample)  # and a bad --retain-sample
+    check_heal_job(job, share, count)
     out = Path(out)
     if isinstance(source, RunSource):
-        refuse_inside(out, source.run_dir, "the run folder")
-    check_output_dir(out, overwrite)
-    created = not out.exists()
-    try:
-        return _connect_and_heal(source, job, out, share, count, identified, overwrite, progress)
-    except BaseException:
-        # Bad input found while loading leaves no trace: not even the empty --out folder
-        # that the tracking check made.
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
-        raise
+        refuse_overlap(out, source.run_dir, "the run folder")
+    if identified is not None and Path(identified).is_file():
+        refuse_overlap(out, identified, "the identified-samples file")
+    if job.cache_dir != "none":
+        ImportanceCache(Path(job.cache_dir or default_cache_dir())).secret  # a bad secret fails here, not later
+        make_dirs(job.cache_dir or default_cache_dir(), "the importance cache folder", "--cache-dir")
+    final_uri = resolve_tracking_uri(job, out)
+    if final_uri and (job.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
+        from potion.pipeline.tracking import check_tracking
+
+        check_tracking(final_uri)  # a user's store: check it before anything is created
+    with staged_output_dir(out, overwrite) as stage:
+        report = _connect_and_heal(source, job, stage, share, count, identified, overwrite, progress,
+                                   final_out=out.resolve(), final_uri=final_uri)
+        if resolve_tracking_uri(job, stage) != final_uri:  # the default store lives in the stage
+            from potion.pipeline.tracking import relocate_sqlite_store
+
+            relocate_sqlite_store(stage / "mlflow.db", stage.resolve(), out.resolve())
+    return report
 
 
-def _connect_and_heal(source, job: HealJob, out: Path, share, count, identified, overwrite, progress) -> dict:
+def _connect_and_heal(source, job: HealJob, out: Path, share, count, identified, overwrite, progress, *,
+                      final_out: Path, final_uri: str | None) -> dict:
     tracking_uri = resolve_tracking_uri(job, out)
     py_modules = source.py_modules()  # parses --model: a bad spec fails before Ray starts
-    if job.backend == "ray":
-        from potion.pipeline.ray_runtime import connect
-
-        connect(job.address, job.num_cpus, py_modules=py_modules)  # fail fast on an unreachable cluster
     if tracking_uri:
         from potion.pipeline.tracking import check_tracking
 
         check_tracking(tracking_uri)
+    if job.backend == "ray":
+        from potion.pipeline.ray_runtime import connect
 
+        connect(job.address, job.num_cpus, py_modules=py_modules)  # fail fast on an unreachable cluster
     try:
-        return _heal(source.load(), job, out, share, count, identified, overwrite, progress, tracking_uri)
+        return _heal(source.load(), job, out, share, count, identified, overwrite, progress, tracking_uri,
+                     final_out=final_out, final_uri=final_uri)
     finally:
         if job.backend == "ray":
             from potion.pipeline.ray_runtime import shutdown_if_owned
@@ -216,10 +299,11 @@ def _connect_and_heal(source, job: HealJob, out: Path, share, count, identified,
 
 
 def _heal(inputs: HealInputs, job: HealJob, out: Path, share, count, identified, overwrite, progress,
-          tracking_uri) -> dict:
+          tracking_uri, *, final_out: Path | None = None, final_uri: str | None = None) -> dict:
     t_start = time.perf_counter()
     device = resolve_device(job.device)
     deletion, source = select_deletion_set(inputs, share, count, identified, job.seed)
+    check_deletion_is_poison(inputs, deletion, source)
     n_total = inputs.n_train
     retain = np.setdiff1d(np.arange(n_total), deletion)
     view = inputs.train
@@ -246,6 +330,7 @@ def _heal(inputs: HealInputs, job: HealJob, out: Path, share, count, identified,
         before = _measured(model, inputs, forget_view, eval_bs, device, job.fast_eval)
 
     state0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    placement: dict = {}
     ctx = HealContext(
         model=model,
         state0=state0,
@@ -257,7 +342,8 @@ def _heal(inputs: HealInputs, job: HealJob, out: Path, share, count, identified,
         ptn=job.ptn,
         device=device,
         progress=progress,
-        importances=make_importance_fn(inputs, job, state0, deletion, retain, device, progress, retain_view),
+        importances=make_importance_fn(inputs, job, state0, deletion, retain, device, progress, retain_view,
+                                       placement),
         retain_sample=retain_sample,
         retain_batches_at=lambda pos: retain_view.subset(pos).batches(bs, augment=job.importance_augment,
                                                                       device=device),
@@ -272,7 +358,7 @@ def _heal(inputs: HealInputs, job: HealJob, out: Path, share, count, identified,
         ssd_lambda=job.ssd_lambda,
     )
 
-    tracker_cm = _tracker(tracking_uri, job, inputs, out)
+    tracker_cm = _tracker(tracking_uri, job, inputs, final_out or out)
     with tracker_cm as tracker:
         if job.backend == "ray":
             from potion.pipeline.ray_search import make_ray_search
@@ -281,7 +367,7 @@ def _heal(inputs: HealInputs, job: HealJob, out: Path, share, count, identified,
             ctx.search = make_ray_search(
                 model_factory=inputs.spec.build,
                 gpus_per_trial=job.gpus_per_trial, storage_path=str(out.resolve() / "ray_results"),
-                callbacks=callbacks, progress=progress,
+                callbacks=callbacks, progress=progress, placement=placement,
             )
         try:
             result = heal(job.method, ctx)
@@ -300,12 +386,14 @@ def _heal(inputs: HealInputs, job: HealJob, out: Path, share, count, identified,
             after = _measured(healed, inputs, forget_view, eval_bs, device, job.fast_eval)
         report = _report(job, inputs, deletion, source, before, after, result, time.perf_counter() - t_start)
         report["before_source"] = before_source
+        if placement:
+            report["placement"] = placement  # which Ray node ran which shard and which step k
         if tracker:
             trace = result.info.get("trace") or []
             if job.backend != "ray":
                 tracker.log_children(trace)
             tracker.log_curve(trace, threshold=result.info.get("threshold"), k_star=result.info.get("k_star"))
-            report["mlflow"] = {"tracking_uri": tracking_uri, "parent_run_id": tracker.parent_run_id,
+            report["mlflow"] = {"tracking_uri": final_uri or tracking_uri, "parent_run_id": tracker.parent_run_id,
                                 "experiment": job.experiment, "experiment_id": tracker.experiment_id}
         _write_outputs(out, healed, inputs, deletion, report, overwrite)
         if tracker:
@@ -332,7 +420,21 @@ def resolve_tracking_uri(job: HealJob, out: Path) -> str | None:
     uri = job.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri == "none":
         return None
-    return uri or f"sqlite:///{(out / 'mlflow.db').resolve()}"
+    return uri or default_tracking_uri(out)
+
+
+def default_tracking_uri(out: Path) -> str:
+    """``sqlite:///<out>/mlflow.db``; a path a sqlite URI cannot hold is refused, never
+    silently cut (``?`` starts the URI's query, ``%`` is decoded, ``#`` a fragment)."""
+    path = (Path(out) / "mlflow.db").resolve()
+    bad = sorted({c for c in str(path) if c in "?#%"})
+    if bad:
+        raise PotionError(
+            f"--out {out} contains {' '.join(repr(c) for c in bad)}, which the default MLflow store URI "
+            f"(sqlite:///…/mlflow.db) cannot hold; choose another --out, or pass --tracking-uri none "
+            "(or a store elsewhere)"
+        )
+    return f"sqlite:///{path}"
 
 
 class _NoTracker:

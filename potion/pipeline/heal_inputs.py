@@ -28,7 +28,7 @@ from potion.datasets.stored import check_transform, read_triggered_test, resized
 from potion.errors import PotionError
 from potion.models import ModelSpec, load_weights, parse_model_spec, read_weights
 from potion.models.spec import file_sha256
-from potion.pipeline.runs import MANIFEST_FILE, METRICS_FILE, MODEL_FILE, load_run
+from potion.pipeline.runs import MANIFEST_FILE, METRICS_FILE, MODEL_FILE, check_finite, load_run
 from potion.unlearning.cache import hash_arrays
 
 NOT_MEASURED = ("ra and asr were not measured: no triggered test set was given "
@@ -196,6 +196,7 @@ class OwnerSource:
             spec = spec.with_kwargs(**{"num_classes": splits.num_classes, "in_channels": channels,
                                        "image_size": size, **spec.kwargs})
         model = load_weights(spec.build(), weights, f"model {spec.text}")
+        check_finite(model, self.weights)  # NaN weights give numbers, not an error: refuse them
         train = stored_view(splits.train, mean, std, self.image_size)
         clean = stored_view(splits.test, mean, std, self.image_size)
         check_outputs(model, clean, splits.num_classes, spec.text)

@@ -19,6 +19,10 @@ import torch
 
 from potion.errors import PotionError
 
+# A shard is a pure function of its batches: a task whose worker died (killed, OOM, node
+# lost) runs again elsewhere. Exceptions raised by the shard itself are not retried.
+SHARD_RETRIES = 3
+
 
 def shard_bounds(n_batches: int, num_shards: int) -> list[tuple[int, int]]:
     """Contiguous [start, end) batch ranges, as equal as possible, none empty."""
@@ -42,7 +46,7 @@ def _shard_sums(model_factory, view_factory, positions: np.ndarray, estimator, p
     view = view_factory().subset(positions)
     batches = view.batches(batch_size, augment=augment, seed=seed, device=device)
     sums, k = importance_sums(model, batches, estimator, p=p, device=device)
-    return {n: s.numpy() for n, s in sums.items()}, k
+    return {n: s.numpy() for n, s in sums.items()}, k, ray.get_runtime_context().get_node_id()
 
 
 def sharded_importances(
@@ -79,6 +83,7 @@ def sharded_importance_sums(
     seed: int = 0,
     progress: bool = False,
     desc: str = "importances (Ray shards)",
+    placement: dict | None = None,
 ) -> tuple[dict[str, torch.Tensor], int]:
     """``importance_sums`` over ``view_factory().subset(positions)`` in Ray tasks: Σ_b G(b)
     over the batches cut every ``batch_size`` from ``positions``, and their number K.
@@ -87,7 +92,8 @@ def sharded_importance_sums(
     (a task uses CUDA when it was given a GPU; tasks ask for ``num_gpus`` each, default 1
     when the cluster has GPUs), ``cpu`` (no GPUs asked for) or ``cuda``. With
     ``augment=True`` every shard draws its own augmentation, so the result is a different
-    (equally valid) sample than the single-process pass.
+    (equally valid) sample than the single-process pass. Shards are spread over the
+    cluster's nodes; ``placement``, when given, receives how many shards each node ran.
     """
     import ray
 
@@ -111,7 +117,8 @@ def sharded_importance_sums(
         num_shards = max(1, int(slots))
     bounds = shard_bounds(n_batches, num_shards)
 
-    task = ray.remote(_shard_sums).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0)
+    task = ray.remote(_shard_sums).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=SHARD_RETRIES,
+                                           retry_exceptions=False, scheduling_strategy="SPREAD")
     model_ref, view_ref = ray.put(model_factory), ray.put(view_factory)
     refs = [
         task.remote(model_ref, view_ref, positions[a * batch_size: b * batch_size], estimator, p, batch_size,
@@ -125,7 +132,15 @@ def sharded_importance_sums(
         if cause is not None:
             raise PotionError(str(cause)) from None
         raise
-    return combine_sums(parts, n_batches, mean=False), n_batches
+    except ray.exceptions.RayError as e:  # workers kept dying: retries spent
+        raise PotionError(f"an importance shard failed on the Ray cluster after {SHARD_RETRIES} retries: "
+                          f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+    if placement is not None:
+        nodes: dict[str, int] = {}
+        for _, _, node in parts:
+            nodes[node] = nodes.get(node, 0) + 1
+        placement["importance_shards"] = nodes
+    return combine_sums([(sums, k) for sums, k, _ in parts], n_batches, mean=False), n_batches
 
 
 def _gather(refs: list, sizes: list[int], n_batches: int, progress: bool, desc: str) -> list:

@@ -34,6 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from potion.errors import PotionError
+from potion.interrupts import reinstall
 
 AUTH_ENV = "RAY_AUTH_MODE"
 CONNECT_TIMEOUT_S = 5.0
@@ -149,6 +150,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, py_modules:
                 "the cluster must run the same Ray and Python versions as this machine."
             ) from None
         _owned = False
+        reinstall()  # ray.init made SIGTERM call sys.exit; a SIGTERM must unwind like Ctrl-C
         return
     if num_cpus is not None and num_cpus < 1:
         raise PotionError(f"--num-cpus must be at least 1, got {num_cpus}")
@@ -157,6 +159,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, py_modules:
     with _kernel_chosen_agent_port():
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **common)
     _owned = True
+    reinstall()
 
 
 AGENT_PORT_ARG = "dashboard_agent_listen_port"

@@ -49,6 +49,12 @@ from potion.unlearning.ptn import (
 from potion.progress import progress_bar
 
 METRICS = ("k", "s", "alpha", "lam", "n_selected", "acc_forget", "acc_val")
+# A trial is a pure function of k, so a trial whose worker died (killed, OOM, node lost)
+# simply runs again: Tune restarts it TRIAL_RETRIES times, then the searcher proposes the
+# same k once more in a fresh trial. An exception inside the trial is deterministic and is
+# reported as the trial's result instead, so it is never retried.
+TRIAL_RETRIES = 3
+REPROPOSALS = 1
 
 
 # ---------------------------------------------------------------- the payload
@@ -174,11 +180,19 @@ def _cached_evaluator(payload: SearchPayload) -> StepEvaluator:
 
 
 def ptn_trial(config: dict, payload: SearchPayload) -> None:
-    """Tune trainable: evaluate one step k and report its StepResult."""
+    """Tune trainable: evaluate one step k and report its StepResult (and the node it ran on)."""
+    import ray
     from ray import tune
 
-    result = _cached_evaluator(payload).evaluate(int(config["k"]))
-    tune.report({k: v for k, v in result.to_dict().items() if v is not None})
+    node = ray.get_runtime_context().get_node_id()
+    try:
+        result = _cached_evaluator(payload).evaluate(int(config["k"]))
+    except Exception as e:  # noqa: BLE001 — deterministic: report it rather than have Tune retry it
+        # Tune insists on the searcher's metric in every result: NaN, never a number
+        tune.report({"k": int(config["k"]), "acc_forget": float("nan"), "error": f"{type(e).__name__}: {_short(e)}",
+                     "node": node})
+        return
+    tune.report({**{k: v for k, v in result.to_dict().items() if v is not None}, "node": node})
 
 
 # ---------------------------------------------------------------- the searcher
@@ -186,9 +200,10 @@ class PTNSearcher(Searcher):
     """Proposes PTN steps k; see the module docstring for the two strategies."""
 
     def __init__(self, threshold: float, max_steps: int, window: int, strategy: str = "waves",
-                 on_result: Callable[[StepResult], None] | None = None):
+                 on_result: Callable[[StepResult], None] | None = None, reproposals: int = REPROPOSALS):
         super().__init__(metric="acc_forget", mode="min")
         self.on_result = on_result  # called on the driver as each step's result arrives
+        self.reproposals = int(reproposals)
         if strategy == "bracket":
             strategy = "waves"  # in parallel, waves of the window give linear's exact k* at once
         if strategy not in ("linear", "waves", "bisect"):
@@ -202,7 +217,10 @@ class PTNSearcher(Searcher):
         self.results: dict[int, StepResult] = {}
         self.pending: dict[str, int] = {}  # trial id → k
         self.proposed: list[int] = []
+        self.nodes: dict[int, str] = {}  # k → the Ray node that measured it
         self.failed: str | None = None
+        self.retry: list[int] = []  # ks whose trial died: proposed again before anything new
+        self.reproposed: dict[int, int] = {}
         self.done = False
         self._next_k = 0  # sliding window: the next k to propose
         self._queue: list[int] = []  # bisect: this round's ks still to hand out
@@ -217,7 +235,7 @@ class PTNSearcher(Searcher):
     def suggest(self, trial_id: str):
         if self.done or self.failed:
             return Searcher.FINISHED
-        k = self._next_bisect() if self.bisect else self._next_window()
+        k = self.retry.pop(0) if self.retry else (self._next_bisect() if self.bisect else self._next_window())
         if k == Searcher.FINISHED:
             self.done = True
             return Searcher.FINISHED
@@ -231,10 +249,20 @@ class PTNSearcher(Searcher):
         k = self.pending.pop(trial_id, None)
         if k is None:
             return
+        if result and result.get("error"):
+            self.failed = f"the trial for k={k} failed: {result['error']}"
+            return
         if error or not result or "acc_forget" not in result:
+            # The worker died (Tune's own retries are spent): a pure function of k, so run it again.
+            if self.reproposed.get(k, 0) < self.reproposals:
+                self.reproposed[k] = self.reproposed.get(k, 0) + 1
+                self.retry.append(k)
+                return
             self.failed = f"the trial for k={k} failed"
             return
         self.results[k] = result_from_metrics(result)
+        if result.get("node"):
+            self.nodes[k] = str(result["node"])
         if self.on_result is not None:
             self.on_result(self.results[k])
 
@@ -249,7 +277,7 @@ class PTNSearcher(Searcher):
             return None if any(k < hit.k for k in self.pending.values()) else Searcher.FINISHED
         if self._next_k > self.max_steps:
             return None if self.pending else Searcher.FINISHED
-        lowest_open = min(self.pending.values(), default=self._next_k)
+        lowest_open = min([*self.pending.values(), *self.retry], default=self._next_k)
         if self._next_k >= lowest_open + self.window:
             return None
         k, self._next_k = self._next_k, self._next_k + 1
@@ -258,7 +286,7 @@ class PTNSearcher(Searcher):
     def _next_bisect(self):
         if self._queue:
             return self._queue.pop(0)
-        if self.pending:
+        if self.pending or self.retry:
             return None  # rounds: the next points depend on all of this round's results
         self._queue = self._plan_round()
         return self._queue.pop(0) if self._queue else Searcher.FINISHED
@@ -318,13 +346,15 @@ def ray_ptn_search(
     callbacks: Sequence = (),
     evaluator: StepEvaluator | None = None,
     progress: bool = False,
+    placement: dict | None = None,
 ) -> PTNResult:
     """PTN over Ray Tune; returns the same :class:`PTNResult` as ``ptn_search``.
 
     ``evaluator`` is the driver's own evaluator on the same inputs (built from the payload
     on CPU when omitted): it gives acc0 and rebuilds θ_{k*}. ``strategy`` ``linear`` and
     ``waves`` both run the exact sliding window; ``bisect`` gallops and bisects.
-    Ray must be connected (``ray_runtime.connect``).
+    Ray must be connected (``ray_runtime.connect``). ``placement``, when given, receives
+    which node measured which k (``trials``) and how many dead trials were restarted.
     """
     import ray
     from ray import tune
@@ -348,7 +378,11 @@ def ray_ptn_search(
         payload = dataclasses.replace(payload, config=cfg)
     storage = os.path.abspath(storage_path or tempfile.mkdtemp(prefix="potion-ray-results-"))
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no per-trial csv/json/tensorboard files
+    # Tune's own Ctrl-C handler ends the experiment early and returns the partial results
+    # as if complete; we let the interrupt propagate instead (and check completeness below).
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
 
+    recovered = _RecoveryCounter()
     trainable = tune.with_resources(tune.with_parameters(ptn_trial, payload=payload),
                                     dict(resources or trial_resources()))
     tuner = tune.Tuner(
@@ -357,8 +391,9 @@ def ray_ptn_search(
                                     reuse_actors=True),
         run_config=tune.RunConfig(
             name=f"ptn-{strategy}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
-            storage_path=storage, verbose=0, callbacks=list(callbacks),
-            failure_config=tune.FailureConfig(fail_fast=True),
+            storage_path=storage, verbose=0, callbacks=[*callbacks, recovered],
+            # fail_fast would end the search at the first dead worker, retry or not
+            failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES, fail_fast=False),
         ),
     )
     try:
@@ -366,15 +401,25 @@ def ray_ptn_search(
     except BaseException:
         bar.close()
         raise
-    if grid.errors:
+    if searcher.failed:
         bar.close()
-        err = grid.errors[0]
-        raise PotionError(f"a PTN trial failed on the Ray cluster: {type(err).__name__}: {_short(err)}")
-    results: dict[int, StepResult] = {}
+        raise PotionError(f"a PTN trial failed on the Ray cluster: {searcher.failed}")
+    if not searcher.done:
+        # Tune stops early only when told to (a signal, SIGUSR1): never read that as a search.
+        bar.close()
+        measured = max(searcher.results, default=None)
+        raise KeyboardInterrupt(f"the Ray PTN search was stopped after measuring up to k={measured}")
+    results = dict(searcher.results)
     for res in grid:
         if res.metrics and "acc_forget" in res.metrics:
             r = result_from_metrics(res.metrics)
-            results[r.k] = r
+            results.setdefault(r.k, r)
+    if placement is not None:
+        by_node: dict[str, list[int]] = {}
+        for k in sorted(searcher.nodes):
+            by_node.setdefault(searcher.nodes[k], []).append(k)
+        placement["trials"] = by_node
+        placement["trial_restarts"] = recovered.count + sum(searcher.reproposed.values())
     trace = [results[k] for k in sorted(results)]
     hit = smallest_crossing(trace, threshold)
     bar.set_postfix_str(search_outcome(hit, threshold, cfg), refresh=True)  # steps finish out of order
@@ -410,6 +455,7 @@ def make_ray_search(
     storage_path: str | os.PathLike | None = None,
     callbacks: Sequence = (),
     progress: bool = False,
+    placement: dict | None = None,
 ) -> Callable[[StepEvaluator, PTNConfig | None], PTNResult]:
     """A drop-in for ``ptn_search(evaluator, config)`` (``HealContext.search``) that runs
     the steps as Ray Tune trials on the connected cluster."""
@@ -422,9 +468,29 @@ def make_ray_search(
             payload, cfg, window=window, strategy=strategy,
             resources=resources or trial_resources(gpus_per_trial, cpus_per_trial),
             storage_path=storage_path, callbacks=callbacks, evaluator=evaluator, progress=progress,
+            placement=placement,
         )
 
     return search
+
+
+def _recovery_counter_class():
+    from ray.tune import Callback
+
+    class RecoveryCounter(Callback):
+        """Counts trials Tune restarted after their worker died."""
+
+        def __init__(self):
+            self.count = 0
+
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            self.count += 1
+
+    return RecoveryCounter
+
+
+def _RecoveryCounter():
+    return _recovery_counter_class()()
 
 
 def _short(err: BaseException) -> str:

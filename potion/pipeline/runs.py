@@ -79,7 +79,18 @@ def load_run(path: str | Path, checkpoint: str | Path | None = None) -> RunFolde
         )
     model, ckpt = load_checkpoint(checkpoint or path / MODEL_FILE)
     check_model_fits(ckpt, splits, checkpoint or path / MODEL_FILE)
+    check_finite(model, checkpoint or path / MODEL_FILE)
     return RunFolder(path, job, splits, manifest, model, ckpt)
+
+
+def check_finite(model: torch.nn.Module, where) -> None:
+    """Refuse NaN/inf weights or buffers (a diverged training, a damaged file): every
+    number computed from them would be meaningless, not merely low."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            n_bad = int((~torch.isfinite(t)).sum())
+            raise PotionError(f"checkpoint {where}: {name} holds {n_bad} non-finite values (NaN or inf); "
+                              "use a checkpoint of a training that converged")
 
 
 def check_model_fits(ckpt: Checkpoint, splits: DatasetSplits, where) -> None:
@@ -90,3 +101,13 @@ def check_model_fits(ckpt: Checkpoint, splits: DatasetSplits, where) -> None:
             f"checkpoint {where} has {n_model} output classes but dataset '{splits.name}' has {n_data}; "
             "heal or evaluate a model with the dataset it was trained on"
         )
+    # A model with adaptive pooling runs on any image size and gives a wrong number
+    # instead of an error: compare what it was built for with what the data now is.
+    c, h, _ = splits.train.image_shape
+    for key, have in (("in_channels", c), ("image_size", h)):
+        want = ckpt.kwargs.get(key)
+        if want is not None and int(want) != int(have):
+            raise PotionError(
+                f"checkpoint {where} was built for {key}={want} but dataset '{splits.name}' now gives {key}={have} "
+                "(did the run's config.yaml change?); evaluate or heal a model with the data it was trained on"
+            )

@@ -106,6 +106,7 @@ def check_tracking(uri: str, timeout: float = CHECK_TIMEOUT_S) -> None:
     if not uri or not isinstance(uri, str):
         raise PotionError("the MLflow tracking URI is empty; pass --tracking-uri (e.g. sqlite:///out/mlflow.db)")
     scheme = urlparse(uri).scheme
+    _check_scheme(uri, scheme)
     if scheme == "sqlite":
         _check_sqlite(uri)
     elif scheme in ("http", "https"):
@@ -114,6 +115,20 @@ def check_tracking(uri: str, timeout: float = CHECK_TIMEOUT_S) -> None:
         path = Path(urlparse(uri).path if scheme == "file" else uri)
         _check_writable_dir(path, uri)
     # databricks://, other plugins: nothing cheap to check; MLflow reports problems itself.
+
+
+def _check_scheme(uri: str, scheme: str) -> None:
+    try:
+        from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+        known = sorted(k for k in _tracking_store_registry._registry if k)
+    except (ImportError, AttributeError):  # a future MLflow: let it judge the URI itself
+        return
+    if scheme not in known and scheme != "":
+        raise PotionError(
+            f"MLflow tracking URI {uri}: unknown scheme '{scheme}://' (MLflow knows {', '.join(known)}); "
+            "use e.g. sqlite:///<folder>/mlflow.db, http://host:5000, or 'none' to disable tracking"
+        )
 
 
 def _check_sqlite(uri: str) -> None:
@@ -133,10 +148,15 @@ def _check_sqlite(uri: str) -> None:
 
 
 def _check_writable_dir(path: Path, uri: str) -> None:
+    import os
+
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise PotionError(f"MLflow tracking store {uri}: cannot create folder {path} ({e.strerror})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise PotionError(f"MLflow tracking store {uri}: folder {path} is not writable; "
+                          "pass another --tracking-uri (or 'none')")
 
 
 def _check_server(uri: str, timeout: float) -> None:
@@ -155,6 +175,35 @@ def _check_server(uri: str, timeout: float) -> None:
         f"`mlflow server --host 0.0.0.0 --port {urlparse(uri).port or 5000} --backend-store-uri "
         "sqlite:///mlflow.db`, or pass --tracking-uri sqlite:///<folder>/mlflow.db to track into a local file"
     )
+
+
+def relocate_sqlite_store(db: str | Path, old: str | Path, new: str | Path) -> int:
+    """Rewrite every location under folder ``old`` recorded in the sqlite store ``db`` to
+    lie under ``new`` (both plain paths and ``file://`` URIs); returns rows changed.
+
+    A store built in a staging folder records absolute artifact locations there; after
+    the folder is moved into place they must point into the final folder. Every text
+    column of every table is rewritten, so no knowledge of MLflow's schema is assumed;
+    the staging folder's name is unique, so nothing else can match.
+    """
+    old, new = Path(old).absolute(), Path(new).absolute()
+    pairs = [(old.as_uri(), new.as_uri()), (str(old), str(new))]
+    changed = 0
+    con = sqlite3.connect(str(db), timeout=30)
+    try:
+        tables = [r[0] for r in con.execute("select name from sqlite_master where type='table'")]
+        for table in tables:
+            cols = [r[1] for r in con.execute(f'pragma table_info("{table}")') if "CHAR" in (r[2] or "").upper()
+                    or "TEXT" in (r[2] or "").upper() or "CLOB" in (r[2] or "").upper()]
+            for col in cols:
+                for a, b in pairs:
+                    cur = con.execute(f'update "{table}" set "{col}" = replace("{col}", ?, ?) '
+                                      f'where instr("{col}", ?) > 0', (a, b, a))
+                    changed += cur.rowcount
+        con.commit()
+    finally:
+        con.close()
+    return changed
 
 
 def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -236,10 +285,25 @@ class SearchTracker:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if self.client is not None and self.parent_run_id is not None:
-            if exc is not None:
-                self.client.set_tag(self.parent_run_id, "error", f"{exc_type.__name__}: {exc}"[:5000])
-            self.client.set_terminated(self.parent_run_id, "FAILED" if exc is not None else "FINISHED")
+        if self.client is None or self.parent_run_id is None:
+            return False
+        if exc is None:
+            self.client.set_terminated(self.parent_run_id, "FINISHED")
+            return False
+        # An interrupted search is KILLED, a failed one FAILED; trials that were still in
+        # flight (their child runs are RUNNING) end the same way, so nothing stays RUNNING.
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        try:
+            self.client.set_tag(self.parent_run_id, "error", f"{exc_type.__name__}: {exc}"[:5000])
+            for run in self.client.search_runs(
+                [self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{self.parent_run_id}'",
+                max_results=50000,
+            ):
+                if run.info.status in ("RUNNING", "SCHEDULED"):
+                    self.client.set_terminated(run.info.run_id, status)
+            self.client.set_terminated(self.parent_run_id, status)
+        except Exception:  # noqa: BLE001 — never hide the error that ended the search
+            pass
         return False
 
     @property

@@ -18,7 +18,7 @@ from potion.datasets import (
     triggered_test_view,
 )
 from potion.errors import PotionError
-from potion.io import atomic_write_json, atomic_write_text, staged_output_dir
+from potion.io import atomic_write_json, atomic_write_text, refuse_overlap, staged_output_dir
 from potion.metrics import attack_metrics
 from potion.models import create_model, load_init_weights, save_checkpoint
 from potion.pipeline.configs import TrainJob
@@ -33,6 +33,14 @@ def model_kwargs(job: TrainJob, splits) -> dict:
 
 def run_train(job: TrainJob, out: str | Path, overwrite: bool = False, progress: bool = True) -> dict:
     """Train a poisoned model; returns the metrics written to ``metrics.json``."""
+    from potion.pipeline.checks import check_train_job
+
+    check_train_job(job)
+    # --overwrite replaces --out as a whole: it must not hold (or be held by) an input
+    if job.data.args.get("root"):
+        refuse_overlap(out, job.data.args["root"], "the data root")
+    if job.model.init:
+        refuse_overlap(out, job.model.init, "the initial weights")
     device = resolve_device(job.device)
     splits = load_dataset(job.data.dataset, **job.data.args)
     n_classes = len(splits.train.classes)

@@ -6,10 +6,19 @@ methods. An entry is keyed by a hash of the model's weights, the data, the estim
 and the batch size (I depends on B, SPEC §5). Entries are safetensors files written
 atomically with a checksum of their tensor bytes; anything that fails to load or to
 match its checksum is deleted and treated as a miss, never trusted.
+
+A checksum only catches damage: anyone who can write the cache folder (a shared one,
+say) can write tensors with a matching checksum. So an entry is *trusted* only when it
+carries a MAC (HMAC-SHA256) over its key and checksum made with a secret of the user who
+computed it: ``$POTION_CACHE_SECRET`` (hex) or the file ``cache-secret`` (mode 0600,
+created on first use) in ``$POTION_CACHE`` (default ``~/.cache/potion``), which stays
+private even when ``--cache-dir`` points at a shared folder. An entry without a valid
+MAC is a miss (recomputed and rewritten), so a tampered or foreign entry is never used.
 """
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import logging
 import os
@@ -29,8 +38,35 @@ from potion.io import atomic_write
 Tensor = torch.Tensor
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = "potion-importances-v1"
+CACHE_FORMAT = "potion-importances-v2"
 _KEY = re.compile(r"^[0-9a-f]{64}$")
+SECRET_ENV = "POTION_CACHE_SECRET"
+
+
+def default_secret() -> bytes:
+    """This user's cache secret (see the module docstring); created on first use."""
+    if os.environ.get(SECRET_ENV):
+        try:
+            return bytes.fromhex(os.environ[SECRET_ENV])
+        except ValueError:
+            raise PotionError(f"{SECRET_ENV} must be a hex string (e.g. from `openssl rand -hex 32`)") from None
+    base = Path(os.environ.get("POTION_CACHE", Path.home() / ".cache" / "potion"))
+    path = base / "cache-secret"
+    try:
+        return bytes.fromhex(path.read_text().strip())
+    except FileNotFoundError:
+        pass
+    except ValueError:
+        raise PotionError(f"importance cache secret {path} is not a hex string; delete it to make a new one") from None
+    base.mkdir(parents=True, exist_ok=True)
+    secret = os.urandom(32)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process made it first: use theirs
+        return bytes.fromhex(path.read_text().strip())
+    with os.fdopen(fd, "w") as f:
+        f.write(secret.hex())
+    return secret
 
 
 def _tensor_bytes(t: Tensor) -> memoryview:
@@ -70,8 +106,18 @@ def hash_arrays(*arrays: np.ndarray) -> str:
 
 
 class ImportanceCache:
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, secret: bytes | None = None):
         self.root = Path(root)
+        self._secret = secret
+
+    @property
+    def secret(self) -> bytes:
+        if self._secret is None:
+            self._secret = default_secret()
+        return self._secret
+
+    def _mac(self, key: str, checksum: str) -> str:
+        return hmac.new(self.secret, f"{CACHE_FORMAT}\0{key}\0{checksum}".encode(), hashlib.sha256).hexdigest()
 
     def key(
         self,
@@ -121,10 +167,12 @@ class ImportanceCache:
                 tensors = {name: f.get_tensor(name) for name in f.keys()}
             info_text = meta.get("info")
             info = json.loads(info_text) if info_text is not None else None
+            checksum = _entry_checksum(tensors, info_text)
             ok = (
                 meta.get("format") == CACHE_FORMAT
                 and meta.get("key") == key
-                and meta.get("checksum") == _entry_checksum(tensors, info_text)
+                and meta.get("checksum") == checksum
+                and hmac.compare_digest(str(meta.get("mac", "")), self._mac(key, checksum))
             )
         except Exception as e:  # any unreadable file is a miss; its cause goes to the log
             log.warning("importance cache entry %s is unreadable (%s); recomputing", path, e)
@@ -153,5 +201,7 @@ class ImportanceCache:
         info_text = None if info is None else json.dumps(info, sort_keys=True)
         if info_text is not None:
             meta["info"] = info_text
-        meta["checksum"] = _entry_checksum(data, info_text)
+        checksum = _entry_checksum(data, info_text)
+        meta["checksum"] = checksum
+        meta["mac"] = self._mac(key, checksum)
         return atomic_write(path, lambda tmp: save_file(data, tmp, metadata=meta))
