@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from potion.training import TrainRecipe
+from potion.unlearning.guard import GuardConfig
 from potion.unlearning.ptn import PTNConfig
 
 
@@ -51,18 +52,26 @@ class TrainJob:
 class HealJob:
     """Everything ``potion heal`` needs besides the run folder and the deletion set."""
 
-    method: str = "xlf_ptn"
+    # xlf_ptn_guard: XLF + PTN that never returns a step the clean proxy calls damaged by
+    # more than guard.max_damage (beyond the paper); xlf_ptn is the paper-exact method
+    method: str = "xlf_ptn_guard"
     # SPEC §8: a search without a crossing is a reported failure, and so is a deletion set
     # that θ0 already gets wrong (acc0 = 0: no threshold to reach). "keep" reports either in
     # the result and keeps θ0 instead (benchmarks score such a cell as the unchanged model).
     on_no_crossing: Literal["error", "keep"] = "error"
     backend: Literal["local", "ray"] = "local"
     ptn: PTNConfig = field(default_factory=PTNConfig)
-    importance_batch_size: int = 512
+    # None: chosen from |Dr| (potion.unlearning.batch_size); an explicit value wins
+    importance_batch_size: int | None = None
     importance_augment: bool = False
     ssd_alpha: float = 10.0
     ssd_lambda: float = 1.0
     val_size: int = 0
+    # the damage guard (xlf_ptn_guard): a seeded slice of Dr as clean proxy, δ, and whether
+    # the paper's k* may be returned when no step heals within δ
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    proxy_size: int = 2000
+    allow_damage: bool = False
     seed: int = 0
     device: str = "auto"
     cache_dir: str | None = None

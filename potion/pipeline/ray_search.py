@@ -34,6 +34,7 @@ import torch
 from ray.tune.search import Searcher
 
 from potion.errors import PotionError
+from potion.unlearning.guard import GuardConfig, GuardResult, guard_result, guard_scan
 from potion.unlearning.ptn import (
     PTNConfig,
     PTNResult,
@@ -48,7 +49,8 @@ from potion.unlearning.ptn import (
 )
 from potion.progress import progress_bar
 
-METRICS = ("k", "s", "alpha", "lam", "n_selected", "acc_forget", "acc_val")
+METRICS = ("k", "s", "alpha", "lam", "n_selected", "acc_forget", "acc_val", "acc_proxy", "acc_proxy_target",
+           "acc_proxy_other")
 
 
 # ---------------------------------------------------------------- the payload
@@ -72,6 +74,7 @@ class SearchPayload:
     n_total: int
     config: PTNConfig
     model_factory: Callable[[], torch.nn.Module] | None = None
+    proxy_batches: list[tuple[np.ndarray, np.ndarray]] | None = None
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
@@ -99,6 +102,7 @@ def make_payload(
     model_name: str | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
     model_factory: Callable[[], torch.nn.Module] | None = None,
+    proxy_batches: Iterable | None = None,
 ) -> SearchPayload:
     if model_name is None and model_factory is None:
         raise PotionError("the Ray PTN search needs a model name (with its kwargs) or a model_factory to rebuild the model in trials")
@@ -117,6 +121,7 @@ def make_payload(
         n_total=int(n_total),
         config=config,
         model_factory=model_factory,
+        proxy_batches=None if proxy_batches is None else _batches_np(proxy_batches),
     )
 
 
@@ -125,7 +130,8 @@ def payload_from_evaluator(evaluator: StepEvaluator, config: PTNConfig | None = 
     return make_payload(
         state0=evaluator.state0, imp_f=evaluator.imp_f, imp_r=evaluator.imp_r,
         forget_batches=evaluator.forget_batches, n_forget=evaluator.n_forget, n_total=evaluator.n_total,
-        config=config or evaluator.config, val_batches=evaluator.val_batches, **model_spec,
+        config=config or evaluator.config, val_batches=evaluator.val_batches,
+        proxy_batches=evaluator.proxy_batches, **model_spec,
     )
 
 
@@ -154,6 +160,7 @@ def build_evaluator(payload: SearchPayload, device: str = "cpu") -> StepEvaluato
         conv(payload.forget_batches), payload.n_forget, payload.n_total, payload.config,
         val_batches=None if payload.val_batches is None else conv(payload.val_batches),
         device=device,
+        proxy_batches=None if payload.proxy_batches is None else conv(payload.proxy_batches),
     )
 
 
@@ -186,7 +193,10 @@ class PTNSearcher(Searcher):
     """Proposes PTN steps k; see the module docstring for the two strategies."""
 
     def __init__(self, threshold: float, max_steps: int, window: int, strategy: str = "waves",
-                 on_result: Callable[[StepResult], None] | None = None):
+                 on_result: Callable[[StepResult], None] | None = None,
+                 done: Callable[[list[StepResult]], bool] | None = None):
+        """``done`` (the damage guard): the window keeps going past the first crossing until
+        ``done(results)`` says the contiguous prefix k = 0..H decides; bisect is refused."""
         super().__init__(metric="acc_forget", mode="min")
         self.on_result = on_result  # called on the driver as each step's result arrives
         if strategy not in ("linear", "waves", "bisect"):
@@ -197,6 +207,9 @@ class PTNSearcher(Searcher):
         self.max_steps = int(max_steps)
         self.window = int(window)
         self.bisect = strategy == "bisect"
+        self.done_fn = done
+        if done is not None and self.bisect:
+            raise PotionError("the damage guard scans every step up to its horizon; use strategy linear or waves")
         self.results: dict[int, StepResult] = {}
         self.pending: dict[str, int] = {}  # trial id → k
         self.proposed: list[int] = []
@@ -241,6 +254,16 @@ class PTNSearcher(Searcher):
         return smallest_crossing(self.results.values(), self.threshold)
 
     def _next_window(self):
+        if self.done_fn is not None:
+            if self.done_fn(list(self.results.values())):
+                return Searcher.FINISHED  # decided from the contiguous prefix: nothing pending matters
+            if self._next_k > self.max_steps:
+                return None if self.pending else Searcher.FINISHED
+            lowest_open = min(self.pending.values(), default=self._next_k)
+            if self._next_k >= lowest_open + self.window:
+                return None
+            k, self._next_k = self._next_k, self._next_k + 1
+            return k
         hit = self.crossing()
         if hit is not None:
             # Everything below hit.k was proposed (proposals are consecutive); wait for it.
@@ -291,6 +314,8 @@ def result_from_metrics(m: Mapping[str, Any]) -> StepResult:
         k=int(m["k"]), s=float(m["s"]), alpha=float(m["alpha"]), lam=float(m.get("lam", 1.0)),
         n_selected=int(m["n_selected"]), acc_forget=float(m["acc_forget"]),
         acc_val=None if m.get("acc_val") is None else float(m["acc_val"]),
+        **{key: None if m.get(key) is None else float(m[key])
+           for key in ("acc_proxy", "acc_proxy_target", "acc_proxy_other")},
     )
 
 
@@ -325,7 +350,6 @@ def ray_ptn_search(
     Ray must be connected (``ray_runtime.connect``).
     """
     import ray
-    from ray import tune
 
     if not ray.is_initialized():
         raise PotionError("Ray is not connected; call potion.pipeline.ray_runtime.connect() first")
@@ -393,6 +417,116 @@ def ray_ptn_search(
         trace=trace, evaluations=len(trace), strategy=f"ray-{'bisect' if strategy == 'bisect' else 'window'}",
         state_dict=state,
     )
+
+
+def _run_trials(payload: SearchPayload, cfg: PTNConfig, searcher: PTNSearcher, window: int, name: str,
+                resources: Mapping[str, float] | None, storage_path, callbacks: Sequence) -> dict[int, StepResult]:
+    """One Tune experiment driven by ``searcher``; the measured steps by k."""
+    from ray import tune
+
+    if payload.config != cfg:
+        payload = dataclasses.replace(payload, config=cfg)
+    storage = os.path.abspath(storage_path or tempfile.mkdtemp(prefix="potion-ray-results-"))
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no per-trial csv/json/tensorboard files
+
+    trainable = tune.with_resources(tune.with_parameters(ptn_trial, payload=payload),
+                                    dict(resources or trial_resources()))
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1, max_concurrent_trials=window,
+                                    reuse_actors=True),
+        run_config=tune.RunConfig(
+            name=f"ptn-{name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
+            storage_path=storage, verbose=0, callbacks=list(callbacks),
+            failure_config=tune.FailureConfig(fail_fast=True),
+        ),
+    )
+    grid = tuner.fit()
+    if grid.errors:
+        err = grid.errors[0]
+        raise PotionError(f"a PTN trial failed on the Ray cluster: {type(err).__name__}: {_short(err)}")
+    results: dict[int, StepResult] = {}
+    for res in grid:
+        if res.metrics and "acc_forget" in res.metrics:
+            r = result_from_metrics(res.metrics)
+            results[r.k] = r
+    return results
+
+
+def ray_guard_search(
+    payload: SearchPayload,
+    config: PTNConfig | None = None,
+    guard: GuardConfig | None = None,
+    allow_damage: bool = False,
+    *,
+    window: int | None = None,
+    resources: Mapping[str, float] | None = None,
+    storage_path: str | os.PathLike | None = None,
+    callbacks: Sequence = (),
+    evaluator: StepEvaluator | None = None,
+) -> GuardResult:
+    """The damage guard over Ray Tune: the same choice as ``guard_search``.
+
+    The window runs past the paper's k* until ``guard_scan`` decides on the contiguous
+    prefix k = 0..H; steps past H that were already in flight are dropped, so the choice
+    is made on exactly the steps the local scan sees.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        raise PotionError("Ray is not connected; call potion.pipeline.ray_runtime.connect() first")
+    if payload.proxy_batches is None:
+        raise PotionError("the damage guard needs the clean proxy in the search payload (proxy_batches)")
+    cfg = config or payload.config
+    gcfg = guard or GuardConfig()
+    window = int(window or cfg.window)
+    evaluator = evaluator or build_evaluator(payload, "cpu")
+    threshold = crossing_threshold(evaluator, cfg)
+    acc0 = float(evaluator.acc0)
+    base = evaluator.proxy_base
+
+    def scan(steps):
+        return guard_scan(steps, threshold=threshold, acc0=acc0, base=base, cfg=gcfg, max_steps=cfg.max_steps)
+
+    searcher = PTNSearcher(threshold, cfg.max_steps, window, "waves", done=lambda steps: scan(steps).done)
+    results = _run_trials(payload, cfg, searcher, window, "guard", resources, storage_path, callbacks)
+    if not results:
+        raise PotionError("the Ray PTN search ran no trials; check the cluster's resources (CPU/GPU per trial)")
+    trace = [results[k] for k in sorted(results)]
+    decision = scan(trace)
+    if not decision.done:  # the searcher never lets this happen; guard against silent wrong answers
+        raise PotionError(f"the Ray guard search ended before the scan decided (contiguous steps up to "
+                          f"k={decision.horizon})")
+    return guard_result(evaluator, cfg, gcfg, trace, decision, "ray-guard", allow_damage)
+
+
+def make_ray_guard_search(
+    *,
+    model_name: str | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+    model_factory: Callable[[], torch.nn.Module] | None = None,
+    window: int | None = None,
+    gpus_per_trial: float = 0.25,
+    cpus_per_trial: float = 1.0,
+    resources: Mapping[str, float] | None = None,
+    storage_path: str | os.PathLike | None = None,
+    callbacks: Sequence = (),
+) -> Callable[..., GuardResult]:
+    """A drop-in for ``guard_search(evaluator, config, guard, allow_damage)``
+    (``HealContext.guard_search``) that runs the steps as Ray Tune trials."""
+
+    def search(evaluator: StepEvaluator, config: PTNConfig | None = None, guard: GuardConfig | None = None,
+               allow_damage: bool = False) -> GuardResult:
+        cfg = config or evaluator.config
+        payload = payload_from_evaluator(evaluator, cfg, model_name=model_name, model_kwargs=model_kwargs,
+                                         model_factory=model_factory)
+        return ray_guard_search(
+            payload, cfg, guard, allow_damage, window=window,
+            resources=resources or trial_resources(gpus_per_trial, cpus_per_trial),
+            storage_path=storage_path, callbacks=callbacks, evaluator=evaluator,
+        )
+
+    return search
 
 
 def make_ray_search(
