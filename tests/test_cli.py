@@ -196,7 +196,8 @@ def test_guard_refuses_where_the_papers_k_star_damages_unless_allowed(run_dir, t
     """On this digits model the importance batch size 512 (one batch for all of Dr) makes the
     paper's k* wreck the model; the guarded default writes no model, --allow-damage does."""
     common = ["--run", str(run_dir), "--discovery-share", "0.3", "--backend", "local", "--quiet",
-              "--tracking-uri", "none", "--cache-dir", str(tmp_path / "cache"), "--batch-size", "512"]
+              "--tracking-uri", "none", "--cache-dir", str(tmp_path / "cache"), "--batch-size", "512",
+              "--step", "1.5", "--proxy-size", "300"]
     paper = tmp_path / "paper"
     assert main(["heal", *common, "--method", "xlf_ptn", "--out", str(paper)]) == 0
     rep = json.loads((paper / "report.json").read_text())
