@@ -9,18 +9,18 @@ from __future__ import annotations
 
 from potion.errors import PotionError
 
-TARGET_BATCHES = 64
+TARGET_BATCHES = 128
 MIN_BATCH = 16
 MAX_BATCH = 512
 
 
 def auto_batch_size(n_retain: int, target_batches: int = TARGET_BATCHES) -> int:
-    """A power of two B in [MIN_BATCH, MAX_BATCH] closest to |Dr| / target_batches."""
+    """The largest power of two B in [MIN_BATCH, MAX_BATCH] with |Dr| / B ≥ target_batches
+    (rounding towards more batches: fewer batches were the damaging side in every measurement)."""
     if n_retain < 1:
         raise PotionError(f"the retain set is empty (|Dr| = {n_retain}): nothing to compute importances on")
-    want = n_retain / target_batches
     b = MIN_BATCH
-    while b < MAX_BATCH and abs(2 * b - want) <= abs(b - want):
+    while b < MAX_BATCH and n_retain / (2 * b) >= target_batches:
         b *= 2
     return b
 
