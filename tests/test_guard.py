@@ -253,3 +253,25 @@ def test_auto_batch_size_and_an_explicit_one_wins():
     assert bs == sorted(bs) and bs[0] >= 16 and bs[-1] <= 512
     with pytest.raises(PotionError, match="batch size"):
         resolve_batch_size(0, 100)
+
+
+def test_mlflow_and_the_plot_show_the_proxy_delta_and_why(tmp_path):
+    from mlflow import MlflowClient
+
+    from potion.pipeline.tracking import SearchTracker, tradeoff_figure
+
+    steps = curve([1.0, 0.6, 0.3, 0.1], [1.0, 1.0, 0.999, 0.99])
+    d = scan(steps)
+    guard = {**d.to_dict(), "max_damage": 1.0, "proxy0": BASE.to_dict()}
+    fig = tradeoff_figure([s.to_dict() | {"proxy_damage": d.damage[s.k]} for s in steps], 0.2, d.choice.k, guard)
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert any("δ = 1" in t for t in labels) and any("θ0 on the proxy" in t for t in labels)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with SearchTracker(uri, "guard", run_name="t") as tr:
+        tr.log_curve(steps, threshold=0.2, k_star=d.choice.k, guard=guard)
+        run_id = tr.parent_run_id
+    run = MlflowClient(tracking_uri=uri).get_run(run_id)
+    assert run.data.metrics["max_damage"] == 1.0 and run.data.metrics["proxy0_acc"] == 1.0
+    assert "keeps the proxy within δ" in run.data.tags["guard_reason"]
+    hist = MlflowClient(tracking_uri=uri).get_metric_history(run_id, "proxy_damage")
+    assert sorted(m.step for m in hist) == [0, 1, 2, 3]
