@@ -273,5 +273,5 @@ def test_mlflow_and_the_plot_show_the_proxy_delta_and_why(tmp_path):
     run = MlflowClient(tracking_uri=uri).get_run(run_id)
     assert run.data.metrics["max_damage"] == 1.0 and run.data.metrics["proxy0_acc"] == 1.0
     assert "keeps the proxy within δ" in run.data.tags["guard_reason"]
-    hist = MlflowClient(tracking_uri=uri).get_metric_history(run_id, "proxy_damage")
+    hist = MlflowClient(tracking_uri=uri).get_metric_history(run_id, "curve/proxy_damage")
     assert sorted(m.step for m in hist) == [0, 1, 2, 3]
