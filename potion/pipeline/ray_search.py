@@ -350,6 +350,7 @@ def ray_ptn_search(
     Ray must be connected (``ray_runtime.connect``).
     """
     import ray
+    from ray import tune
 
     if not ray.is_initialized():
         raise PotionError("Ray is not connected; call potion.pipeline.ray_runtime.connect() first")
