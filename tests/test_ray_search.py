@@ -305,6 +305,8 @@ def test_ray_guard_search_makes_the_local_guards_choice(ray_local, problem, tmp_
     got = search(evaluator(), cfg, gcfg)
     assert got.k_star == local.k_star and got.guard["status"] == local.guard["status"]
     assert got.guard["reason"] == local.guard["reason"] and got.guard["damage"] == local.guard["damage"]
-    assert got.trace == local.trace  # the same steps, measured the same way (proxy included)
+    horizon = local.guard["horizon"]
+    assert got.guard["horizon"] == horizon and max(r.k for r in got.trace) <= horizon + 2  # window 3
+    assert [r for r in got.trace if r.k <= horizon] == local.trace  # the same steps, measured the same way
     assert all(r.acc_proxy is not None for r in got.trace)
     assert all(torch.equal(got.state_dict[n], local.state_dict[n]) for n in local.state_dict)

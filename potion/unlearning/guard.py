@@ -211,7 +211,9 @@ def guard_result(evaluator: Any, cfg: PTNConfig, gcfg: GuardConfig, trace: list[
     """The weights and record of a finished scan; raises when nothing may be returned."""
     acc0 = float(evaluator.acc0)
     threshold = cfg.rho * acc0
-    trace = [r for r in trace if r.k <= decision.horizon]
+    # Every evaluated step stays in the record (a parallel backend may have run a few past
+    # the horizon); the decision used only k = 0..horizon.
+    trace = sorted(trace, key=lambda r: r.k)
     info = {**decision.to_dict(), "max_damage": gcfg.max_damage, "ahead": gcfg.ahead, "patience": gcfg.patience,
             "proxy0": evaluator.proxy_base.to_dict(), "allow_damage": allow_damage}
     choice = decision.choice
