@@ -78,11 +78,14 @@ def heal_model(
         raise PotionError(f"heal_model needs samples in both sets; got {n_forget} to delete and {n_retain} to retain")
     cfg = ptn or PTNConfig()
     model.to(device)
+    from potion.pipeline.heal import GUARDED
+
     ctx = HealContext(
         model=model, state0={k: v.detach().clone() for k, v in model.state_dict().items()},
         retain_batches=lambda: retain_batches, forget_batches=forget_batches,
         n_forget=n_forget, n_total=n_forget + n_retain, ptn=cfg, device=device, progress=progress,
         retain_total=len(retain_batches),
+        proxy_batches=_proxy(retain_batches, n_retain, batch_size) if method in GUARDED else None,
     )
     t0 = time.perf_counter()
     owned_ray = False
@@ -94,6 +97,11 @@ def heal_model(
         owned_ray = owned()
         ctx.search = make_ray_search(model_factory=_Clone(copy.deepcopy(model).cpu()), gpus_per_trial=0,
                                      progress=progress)
+        if method in GUARDED:
+            from potion.pipeline.ray_search import make_ray_guard_search
+
+            ctx.guard_search = make_ray_guard_search(model_factory=_Clone(copy.deepcopy(model).cpu()),
+                                                     gpus_per_trial=0)
     try:
         result = heal(method, ctx)
     finally:
@@ -110,6 +118,21 @@ def heal_model(
     if tracking_uri:
         _log(tracking_uri, experiment, report)
     return Healed(model, result.state_dict, report)
+
+
+def _proxy(retain_batches, n_retain: int, batch_size: int, size: int = 2000, seed: int = 0) -> list:
+    """The damage guard's clean proxy: a seeded slice of the retain samples (as `potion heal`)."""
+    keep = np.zeros(n_retain, dtype=bool)
+    keep[np.random.default_rng([seed, 0x9A0]).choice(n_retain, size=min(size, n_retain), replace=False)] = True
+    xs, ys, at = [], [], 0
+    for b in retain_batches:
+        x, y = b[0], b[1]
+        sel = torch.from_numpy(keep[at:at + len(y)])
+        xs.append(x[sel])
+        ys.append(y[sel])
+        at += len(y)
+    x, y = torch.cat(xs), torch.cat(ys)
+    return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(y), batch_size)]
 
 
 class _Clone:

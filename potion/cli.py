@@ -154,7 +154,9 @@ def heal_job_from_args(args):
              ("experiment", args.experiment), ("cache_dir", args.cache_dir), ("seed", args.seed),
              ("register_model", getattr(args, "register_model", None)),
              ("device", args.device), ("retain_sample", args.retain_sample),
-             ("remeasure", True if args.remeasure else None)]
+             ("remeasure", True if args.remeasure else None),
+             ("guard.max_damage", args.max_damage), ("proxy_size", args.proxy_size),
+             ("allow_damage", True if args.allow_damage else None)]
     return from_dict(HealJob, apply_overrides(_base_dict(args), _overrides(pairs) + args.set))
 
 
@@ -254,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--discovery-count", type=int, help="benchmark: draw this many poisoned samples, 1 = one-shot (or one of the other two: required)")
     g.add_argument("--identified", help="CSV/Parquet of the training-set indices you identified as poison "
                    "(or one of the other two: required)")
-    p.add_argument("--method", help="xlf_ptn (default), lf_ptn, ssd_ptn, ssd, ssd_grid, eu, none")
+    p.add_argument("--method", help="xlf_ptn_guard (default: XLF + PTN with the damage guard), xlf_ptn (the "
+                   "paper's exact method), lf_ptn, ssd_ptn, ssd, ssd_grid, eu, none")
     p.add_argument("--backend", choices=["local", "ray"],
                    help="local, or ray (default when --address or RAY_ADDRESS is given)")
     p.add_argument("--rho", type=float, help="PTN stop threshold ρ (default 0.2)")
@@ -262,11 +265,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--buffer", type=float, help="PTN start buffer b (default 25)")
     p.add_argument("--max-steps", type=int, help="give up after this many PTN steps (default 500)")
     p.add_argument("--strategy", choices=["linear", "waves", "bisect", "bracket"],
-                   help="order of the PTN steps: bracket (default: gallop, then scan up from the last step "
-                        "below the threshold), linear (the paper's scan), waves, bisect (assumes a_k falls with k)")
+                   help="order of the PTN steps: linear (default: the paper's scan), bracket (gallop, then scan up "
+                        "from the last step below the threshold), waves, bisect (assumes a_k falls with k); "
+                        "xlf_ptn_guard always scans")
     p.add_argument("--window", type=int, help="PTN steps in flight at once on the Ray backend (default 4)")
-    p.add_argument("--batch-size", type=int, help="importance batch size B (default 512)")
+    p.add_argument("--batch-size", type=int, help="importance batch size B (default: chosen from the size of "
+                   "the retain set; an explicit value wins)")
     p.add_argument("--val-size", type=int, help="clean validation images for the trade-off curve (default 0)")
+    p.add_argument("--max-damage", type=float, help="xlf_ptn_guard: largest damage δ, in points of accuracy "
+                   "on the clean proxy, a healed model may show (default 1.0)")
+    p.add_argument("--proxy-size", type=int, help="xlf_ptn_guard: retain-set images in the clean proxy "
+                   "(default 2000)")
+    p.add_argument("--allow-damage", action="store_true", help="xlf_ptn_guard: when no step heals within δ, "
+                   "return the paper's k* anyway (default: write no model)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
     p.add_argument("--num-cpus", type=int, help="CPUs of a local Ray cluster (default: all)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI, 'none' to disable "
@@ -278,8 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: $POTION_CACHE/importances, else ~/.cache/potion/importances)")
     p.add_argument("--seed", type=int, help="seed of the deletion-set draw and of the retain sample (default 0)")
     p.add_argument("--retain-sample",
-                   help="retain importances from: auto (default: stop once the estimate has settled), a share "
-                        "in (0, 1] (1.0 = the paper's full pass over the retain set) or a sample count")
+                   help="retain importances from: a share in (0, 1] (default 1.0: the paper's full pass over the "
+                        "retain set), a sample count, or auto (experimental: stop once the estimate has settled)")
     p.add_argument("--remeasure", action="store_true",
                    help="measure the model's metrics before healing again "
                         "(default: read them from the run's metrics.json)")

@@ -115,10 +115,10 @@ def test_shipped_suites_expand_and_goel_dry_run_lists_cells(tmp_path, monkeypatc
     for name in ("digits-smoke", "mnist-cpu", "cifar10-cpu", "goel-cifar10", "goel-cifar100"):
         suite, _ = load_suite(name)
         sizes[name] = len(expand(suite, tmp_path / name).cells)
-    assert sizes["digits-smoke"] == 2 * 7
-    assert sizes["mnist-cpu"] == 3 * 5 * 5 + 5  # eu at n = 1 % only
-    assert sizes["cifar10-cpu"] == 2 * 4 * 5 + 2  # eu at one share per poison
-    assert sizes["goel-cifar10"] == sizes["goel-cifar100"] == 3 * 11 * 7
+    assert sizes["digits-smoke"] == 2 * 9  # 7 methods + xlf_ptn_guard at the suite's B and at the automatic B
+    assert sizes["mnist-cpu"] == 3 * 5 * 7 + 5  # eu at n = 1 % only
+    assert sizes["cifar10-cpu"] == 2 * 4 * 7 + 2  # eu at one share per poison
+    assert sizes["goel-cifar10"] == sizes["goel-cifar100"] == 3 * 11 * 8
     # The WRN's args stay its own (no default resnet9 width merged in), also after the trip
     # through the dict that a Ray task receives.
     plan = expand(load_suite("goel-cifar100")[0], tmp_path / "g100")
@@ -129,7 +129,7 @@ def test_shipped_suites_expand_and_goel_dry_run_lists_cells(tmp_path, monkeypatc
     suite, path = load_suite("goel-cifar10")
     assert benchmark(suite, tmp_path / "goel", suite_file=path, dry_run=True) == []
     out = capsys.readouterr().out
-    assert "231 cells" in out and "badnet-n100-one-xlf_ptn-seed0" in out and "badnet-n1000-1-eu-seed0" in out
+    assert "264 cells" in out and "badnet-n100-one-xlf_ptn-seed0" in out and "badnet-n1000-1-eu-seed0" in out
     assert "WARNING: data not found" in out and str(tmp_path / "nowhere" / "cifar10") in out
     assert not (tmp_path / "goel").exists()  # a dry run writes nothing
     with pytest.raises(PotionError, match=r"data not found.*nowhere/cifar10"):
@@ -250,9 +250,10 @@ def test_digits_smoke_suite_has_a_row_for_every_cell(tmp_path, capsys):
     out = tmp_path / "smoke"
     rc = main(["benchmark", "--suite", "digits-smoke", "--out", str(out), "--num-cpus", "2", "--quiet"])
     table = pq.read_table(out / "results.parquet").to_pylist()
-    assert len(table) == 2 * 7
+    assert len(table) == 2 * 9
     assert {(r["share_label"], r["method"]) for r in table} == {
-        (s, m) for s in ("one", "0.5") for m in ("none", "ssd", "ssd_grid", "ssd_ptn", "lf_ptn", "xlf_ptn", "eu")}
+        (s, m) for s in ("one", "0.5") for m in ("none", "ssd", "ssd_grid", "ssd_ptn", "lf_ptn", "xlf_ptn",
+                                                 "xlf_ptn_guard", "xlf_ptn_guard_autob", "eu")}
     assert all(r["status"] == "ok" for r in table), [r["error"] for r in table if r["status"] != "ok"]
     assert rc == 0
     assert main(["report", str(out / "results.parquet")]) == 0

@@ -193,3 +193,58 @@ def test_python_dash_m_potion_is_the_same_command_line():
 
     out = subprocess.run([sys.executable, "-m", "potion", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.startswith("usage: potion")
+
+
+def test_guard_refuses_where_the_papers_k_star_damages_unless_allowed(run_dir, tmp_path, capsys):
+    """On this digits model the importance batch size 512 (one batch for all of Dr) makes the
+    paper's k* wreck the model; the guarded default writes no model, --allow-damage does."""
+    common = ["--run", str(run_dir), "--discovery-share", "0.3", "--backend", "local", "--quiet",
+              "--tracking-uri", "none", "--cache-dir", str(tmp_path / "cache"), "--batch-size", "512",
+              "--step", "1.5", "--proxy-size", "300"]
+    paper = tmp_path / "paper"
+    assert main(["heal", *common, "--method", "xlf_ptn", "--out", str(paper)]) == 0
+    rep = json.loads((paper / "report.json").read_text())
+    assert rep["after"]["model_damage"] < -5, "the scenario must be one where the paper's k* damages"
+    assert rep["importance_batch_size"] == {"value": 512, "auto": False, "n_retain": rep["deletion_set"]["n_train"]
+                                            - rep["deletion_set"]["size"]}  # an explicit B wins
+    capsys.readouterr()
+
+    guarded = tmp_path / "guarded"
+    rc = main(["heal", *common, "--out", str(guarded)])
+    healed_model = guarded / "model.pt"
+    if rc == 2:  # no step heals within δ: said plainly, with the curve, and no model
+        assert "NOT changed" in capsys.readouterr().err and not healed_model.exists()
+        refusal = json.loads((guarded / "report.json").read_text())
+        assert refusal["healed"] is False and refusal["trace"] and refusal["guard"]["reason"]
+    else:  # a step within δ: its real damage is far below the paper's
+        rep_g = json.loads((guarded / "report.json").read_text())
+        assert rep_g["info"]["guard"]["damage"][str(rep_g["k_star"])] >= -1.0
+        assert rep_g["after"]["model_damage"] > rep["after"]["model_damage"] + 3
+
+    allowed = tmp_path / "allowed"
+    assert main(["heal", *common, "--allow-damage", "--out", str(allowed)]) == 0
+    rep_a = json.loads((allowed / "report.json").read_text())
+    if rc == 2:
+        assert rep_a["k_star"] == rep["k_star"] and rep_a["info"]["guard"]["status"] == "damage_allowed"
+        assert rep_a["after"]["clean_acc"] == pytest.approx(rep["after"]["clean_acc"])
+
+
+def test_guarded_default_with_the_automatic_batch_size(run_dir, tmp_path, capsys):
+    out = tmp_path / "default"
+    rc = main(["heal", "--run", str(run_dir), "--discovery-share", "0.3", "--backend", "local", "--out", str(out),
+               "--quiet", "--tracking-uri", "none", "--cache-dir", "none"])
+    assert rc == 0, capsys.readouterr().err
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["method"] == "xlf_ptn_guard" and rep["importance_batch_size"]["auto"] is True
+    g, proxy = rep["info"]["guard"], rep["proxy"]
+    assert proxy["size"] == g["proxy0"]["n"] and proxy["seed"] == 0 and len(proxy["indices_sha256"]) == 64
+    assert g["damage"][str(rep["k_star"])] >= -g["max_damage"] and g["reason"]
+    assert rep["after"]["poison_healed"] > rep["before_poison_healed"] + 30  # it heals
+    # the proxy is the seeded slice of Dr: no deletion-set index, and the test split is another source
+    from potion.pipeline.heal import draw_proxy
+    from potion.unlearning.cache import hash_arrays
+
+    deletion = pq.read_table(out / "deletion_set.parquet").column("index").to_numpy()
+    n = rep["deletion_set"]["n_train"]
+    p = draw_proxy(np.setdiff1d(np.arange(n), deletion), 2000, 0)
+    assert hash_arrays(p.astype(np.int64)) == proxy["indices_sha256"] and not np.isin(deletion, p).any()

@@ -35,10 +35,11 @@ def test_demo_smoke_runs_end_to_end(tmp_path, capsys):
     assert "workflowType=machine_learning" in printed
 
     rep = json.loads((out / "heal" / "report.json").read_text())
-    assert rep["backend"] == "ray" and rep["method"] == "xlf_ptn" and rep["k_star"] is not None
-    # It healed, if only a smoke run. Measured (`potion demo --smoke --out D`): asr 0.812 → 0.145,
-    # poison healed 27.5 → 84.7, clean accuracy 0.9806 → 0.9806.
+    assert rep["backend"] == "ray" and rep["method"] == "xlf_ptn_guard" and rep["k_star"] is not None
+    # It healed, if only a smoke run. Measured (`potion demo --smoke --out D`, then xlf_ptn at B = 16):
+    # asr 0.812 → 0.145, poison healed 27.5 → 84.7, clean accuracy 0.9806 → 0.9806.
     assert rep["after"]["asr"] < rep["before"]["asr"] / 2, rep["after"]
+    assert "damage guard" in printed and rep["info"]["guard"]["reason"]
     uri = f"sqlite:///{out / 'mlflow.db'}"
     client = mlflow.MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("potion-demo")

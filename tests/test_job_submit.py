@@ -145,6 +145,7 @@ def test_potion_heal_as_a_ray_job_tracked_in_mlflow(tmp_path):
         case = owner_case.build(tmp_path / "owner")
         own = _run([ray_bin, "job", "submit", "--address", address, "--working-dir", case["folder"],
                     "--", "potion", "heal", *owner_case.heal_args(Path(".")), "--method", "xlf_ptn", "--step", "2",
+                    "--batch-size", "512",
                     "--backend", "ray", "--out", own_out, "--tracking-uri", "none", "--cache-dir", "none", "--quiet"],
                    env, tmp_path, 900)
         assert own.returncode == 0, own.stdout[-4000:] + own.stderr[-3000:]

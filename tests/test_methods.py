@@ -69,7 +69,7 @@ def unchanged(theta0, snapshot):
 
 
 def test_registry():
-    assert METHODS.names() == sorted(["none", "ssd", "ssd_grid", "ssd_ptn", "lf_ptn", "xlf_ptn", "eu"])
+    assert METHODS.names() == sorted(["none", "ssd", "ssd_grid", "ssd_ptn", "lf_ptn", "xlf_ptn", "xlf_ptn_guard", "eu"])
     with pytest.raises(PotionError, match="unknown unlearning method"):
         heal("retrain_everything", None)
 

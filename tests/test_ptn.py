@@ -213,7 +213,9 @@ def test_step_evaluator_matches_its_definition(toy):
         assert (r.k, r.s, r.alpha, r.lam, r.n_selected) == (k, ev.share(k), ev.alpha(k), 1.0, n_sel)
         assert r.acc_forget == accuracy(model, want, fb)
         assert r.acc_val == accuracy(model, want, rb)
-        assert set(r.to_dict()) == {"k", "s", "alpha", "lam", "n_selected", "acc_forget", "acc_val"}
+        assert set(r.to_dict()) == {"k", "s", "alpha", "lam", "n_selected", "acc_forget", "acc_val", "acc_proxy",
+                                    "acc_proxy_target", "acc_proxy_other"}
+        assert r.acc_proxy is None  # no proxy given: the paper's search measures none
         # θ0 is private: the model's own state_dict() (which it aliased) was overwritten by θ_k.
         assert all(torch.equal(ev.state0[n], theta0[n]) for n in theta0)
     # A one-shot generator of validation batches must serve every step, not just the first.

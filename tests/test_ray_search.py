@@ -290,3 +290,29 @@ def test_ray_search_needs_a_connection_and_a_model_spec(problem, monkeypatch):
     payload = payload_from_evaluator(ev, model_name="resnet9", model_kwargs=problem["kwargs"])
     with pytest.raises(PotionError, match="not connected"):
         ray_ptn_search(payload, problem["cfg"])
+
+
+def test_ray_guard_search_makes_the_local_guards_choice(ray_local, problem, tmp_path):
+    """The damage guard over Tune (window past k*) returns the local scan's step and weights."""
+    from potion.pipeline.ray_search import make_ray_guard_search
+    from potion.unlearning.guard import GuardConfig, guard_search
+
+    cfg = problem["cfg"]
+    gcfg = GuardConfig(max_damage=1.0, ahead=2)
+
+    def evaluator():
+        ev = problem["evaluator"](cfg, with_val=False)
+        ev.proxy_batches = problem["val"]  # a slice of Dr, as heal draws it
+        return ev
+
+    local = guard_search(evaluator(), cfg, gcfg)
+    search = make_ray_guard_search(model_name=problem["name"], model_kwargs=problem["kwargs"], window=3,
+                                   storage_path=tmp_path / "ray_results")
+    got = search(evaluator(), cfg, gcfg)
+    assert got.k_star == local.k_star and got.guard["status"] == local.guard["status"]
+    assert got.guard["reason"] == local.guard["reason"] and got.guard["damage"] == local.guard["damage"]
+    horizon = local.guard["horizon"]
+    assert got.guard["horizon"] == horizon and max(r.k for r in got.trace) <= horizon + 2  # window 3
+    assert [r for r in got.trace if r.k <= horizon] == local.trace  # the same steps, measured the same way
+    assert all(r.acc_proxy is not None for r in got.trace)
+    assert all(torch.equal(got.state_dict[n], local.state_dict[n]) for n in local.state_dict)

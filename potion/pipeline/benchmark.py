@@ -42,7 +42,8 @@ RESULTS_FILE = "results.parquet"
 META_KEY = b"potion_benchmark"
 # Methods that read the same importance pass: a cell of the group waits for the first
 # one, which fills the importance cache, instead of computing it again beside it.
-ESTIMATOR_OF = {"ssd": "fisher", "ssd_grid": "fisher", "ssd_ptn": "fisher", "lf_ptn": "lf", "xlf_ptn": "xlf"}
+ESTIMATOR_OF = {"ssd": "fisher", "ssd_grid": "fisher", "ssd_ptn": "fisher", "lf_ptn": "lf", "xlf_ptn": "xlf",
+                "xlf_ptn_guard": "xlf"}
 _SAFE = re.compile(r"^[A-Za-z0-9_.+-]+$")
 
 
@@ -480,7 +481,9 @@ def cell_row(cell: Cell, suite: str, outcome: dict, n_poison: int | None) -> dic
         if cell.count is not None and row["n_poison"]:
             row["share"] = cell.count / row["n_poison"]
         info = rep.get("info", {})
-        if info.get("no_crossing"):
+        if info.get("guard_no_safe_step"):
+            row["note"] = "damage guard: no step heals within δ (max_damage): θ0 kept"
+        elif info.get("no_crossing"):
             row["note"] = "no PTN crossing within max_steps: θ0 kept"
         elif info.get("nothing_to_heal"):
             row["note"] = "θ0 already misclassifies the whole deletion set (acc0 = 0), nothing to heal: θ0 kept"

@@ -20,7 +20,7 @@ from potion.pipeline.benchmark import RESULTS_FILE, read_meta
 SUMMARY_FILE = "summary.md"
 PLOTS_DIR = "plots"
 # The paper's row order: the method first, the baselines after it.
-PAPER_ORDER = ["xlf_ptn", "lf_ptn", "ssd_ptn", "ssd_grid", "ssd", "eu", "none"]
+PAPER_ORDER = ["xlf_ptn_guard", "xlf_ptn_guard_autob", "xlf_ptn", "lf_ptn", "ssd_ptn", "ssd_grid", "ssd", "eu", "none"]
 # SPEC §4: the paper's headline numbers (CIFAR10 ResNet-9 + CIFAR100 WRN-28x10, Goel grid).
 PAPER_TABLE = {
     "xlf_ptn": ("93.72 ± 1.99", "-1.41 ± 0.92", "68.01 ± 14.61", "-1.34 ± 1.50"),

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from potion.training import TrainRecipe
+from potion.unlearning.guard import GuardConfig
 from potion.unlearning.ptn import PTNConfig
 
 
@@ -51,20 +52,24 @@ class TrainJob:
 class HealJob:
     """Everything ``potion heal`` needs besides the run folder and the deletion set."""
 
-    method: str = "xlf_ptn"
+    # xlf_ptn_guard: XLF + PTN that never returns a step the clean proxy calls damaged by
+    # more than guard.max_damage (beyond the paper); xlf_ptn is the paper-exact method
+    method: str = "xlf_ptn_guard"
     # SPEC §8: a search without a crossing is a reported failure, and so is a deletion set
     # that θ0 already gets wrong (acc0 = 0: no threshold to reach). "keep" reports either in
     # the result and keeps θ0 instead (benchmarks score such a cell as the unchanged model).
     on_no_crossing: Literal["error", "keep"] = "error"
     backend: Literal["local", "ray"] = "local"
-    # Gallop then scan upwards (ptn "bracket"): linear's k* unless a_k crosses between gallop
-    # points and rises again, in (k* - k*/2 + log k*) evaluations; --strategy linear is the
-    # paper's exact scan.
-    ptn: PTNConfig = field(default_factory=lambda: PTNConfig(strategy="bracket"))
-    importance_batch_size: int = 512
+    # The paper's exact linear scan; --strategy bracket gallops then scans upwards (fewer
+    # evaluations, linear's k* unless a_k dips below the threshold between gallop points).
+    ptn: PTNConfig = field(default_factory=PTNConfig)
+    # None: chosen from |Dr| (potion.unlearning.batch_size); an explicit value wins
+    importance_batch_size: int | None = None
     # Retain importances from a sample of Dr: "auto" (stop once the ratio ranking that PTN
-    # reads has settled), a share in (0, 1], or a count; "1.0" is the paper's full pass.
-    retain_sample: str | float | int = "auto"
+    # reads has settled), a share in (0, 1], or a count; "1.0", the default, is the paper's
+    # full pass. "auto" lost quality in the one cell measured so far
+    # (benchmarks/results/heal_speed.md), so it is not the default yet.
+    retain_sample: str | float | int = "1.0"
     retain_sample_seed: int | None = None  # None: the job's seed
     # θ0's metrics are read from the run folder's metrics.json; True measures them again.
     remeasure: bool = False
@@ -74,6 +79,11 @@ class HealJob:
     ssd_alpha: float = 10.0
     ssd_lambda: float = 1.0
     val_size: int = 0
+    # the damage guard (xlf_ptn_guard): a seeded slice of Dr as clean proxy, δ, and whether
+    # the paper's k* may be returned when no step heals within δ
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    proxy_size: int = 2000
+    allow_damage: bool = False
     seed: int = 0
     device: str = "auto"
     cache_dir: str | None = None

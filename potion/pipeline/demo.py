@@ -1,8 +1,8 @@
 """``potion demo``: the whole pipeline on the embedded digits data, on one machine.
 
 Poison ``digits`` with a badnet trigger, train a narrow ResNet-9, draw a deletion set of a
-third of the poison, search α with Ray Tune (local cluster), log everything to MLflow and
-print the before/after table.
+third of the poison, search α with Ray Tune (local cluster) under the damage guard, log
+everything to MLflow and print the before/after table.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 from potion.io import check_output_dir
 from potion.pipeline.configs import HealJob, TrainJob
 from potion.pipeline.heal import run_heal
-from potion.pipeline.report import format_table, METRIC_COLUMNS, heal_rows
+from potion.pipeline.report import METRIC_COLUMNS, format_table, guard_lines, heal_rows
 from potion.pipeline.tracking import ui_command
 from potion.pipeline.train import run_train
 
@@ -29,12 +29,13 @@ def run_demo(out: str | Path = "runs/demo", *, overwrite: bool = False, smoke: b
     print(f"      clean_acc={metrics['clean_acc']:.4f}  asr={metrics['asr']:.4f}  ({metrics['train_seconds']:.0f} s)")
 
     db = out / "mlflow.db"
-    heal_job = HealJob(method="xlf_ptn", backend=backend, val_size=200, num_cpus=2, importance_batch_size=16,
+    heal_job = HealJob(method="xlf_ptn_guard", backend=backend, val_size=200, num_cpus=2,
                        tracking_uri=f"sqlite:///{db}", experiment="potion-demo", cache_dir="none")
-    print(f"[2/2] healing with XLF + PTN on the {backend} backend (deletion set: 30 % of the poison)")
+    print(f"[2/2] healing with XLF + PTN and the damage guard on the {backend} backend "
+          "(deletion set: 30 % of the poison)")
     report = run_heal(out / "train", heal_job, out / "heal", share=0.3, overwrite=overwrite, progress=progress)
     print()
-    print(format_table(heal_rows(report), METRIC_COLUMNS))
+    print(format_table(heal_rows(report), METRIC_COLUMNS) + guard_lines(report))
     print(f"\nk*={report['k_star']}  alpha={report['alpha']:.4g}  PTN evaluations={len(report['trace'])}"
           f"  total {time.perf_counter() - t0:.0f} s")
     print(f"healed model: {out / 'heal' / 'model.pt'}")

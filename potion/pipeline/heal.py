@@ -7,6 +7,7 @@ logs to MLflow and writes the outputs.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -28,7 +29,9 @@ from potion.pipeline.configs import HealJob
 from potion.pipeline.heal_inputs import HealInputs, OwnerSource, RunSource, measure, model_at
 from potion.pipeline.report import before_after_metrics
 from potion.pipeline.runs import MODEL_FILE, resolve_device
+from potion.unlearning.batch_size import resolve_batch_size
 from potion.unlearning.cache import ImportanceCache, hash_arrays
+from potion.unlearning.guard import GuardNoSafeStep
 from potion.unlearning.methods import METHODS, HealContext, HealResult, heal, importance_label
 from potion.unlearning.sampling import RetainSample, SampledImportances, parse_retain_sample, sampled_pass
 from potion.unlearning.ptn import NothingToHeal, PTNNoCrossing
@@ -163,6 +166,24 @@ def check_deletion_is_poison(inputs: HealInputs, deletion: np.ndarray, source: s
               "are not poisoned according to the run's manifest; they dilute the forget importances", file=sys.stderr)
 
 
+# ---------------------------------------------------------------- the guard's clean proxy
+GUARDED = ("xlf_ptn_guard",)
+
+
+def draw_proxy(retain: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """A seeded slice of Dr (sorted indices of D): the guard's clean proxy. It is drawn from
+    the retain set only, so it never holds a sample of the deletion set or of the test split."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise PotionError(f"proxy_size must be an integer >= 1 (retain-set images in the clean proxy), got {size!r}")
+    rng = np.random.default_rng([int(seed), 0x9A0])  # its own stream: the deletion draw uses `seed`
+    return np.sort(rng.choice(np.asarray(retain), size=min(size, len(retain)), replace=False))
+
+
+def proxy_record(proxy: np.ndarray, seed: int, n_retain: int) -> dict:
+    return {"size": int(len(proxy)), "seed": int(seed), "n_retain": int(n_retain),
+            "indices_sha256": hash_arrays(np.asarray(proxy, dtype=np.int64)), "source": "seeded slice of Dr"}
+
+
 # ---------------------------------------------------------------- importances
 def make_importance_fn(inputs: HealInputs, job: HealJob, state0: dict, deletion: np.ndarray, retain: np.ndarray,
                        device: str, progress: bool, retain_view=None, placement: dict | None = None):
@@ -266,13 +287,23 @@ def run_heal(source: str | Path | RunSource | OwnerSource, job: HealJob, out: st
         from potion.pipeline.tracking import check_tracking
 
         check_tracking(final_uri)  # a user's store: check it before anything is created
+    refused = None
     with staged_output_dir(out, overwrite) as stage:
-        report = _connect_and_heal(source, job, stage, share, count, identified, overwrite, progress,
-                                   final_out=out.resolve(), final_uri=final_uri)
+        try:
+            report = _connect_and_heal(source, job, stage, share, count, identified, overwrite, progress,
+                                       final_out=out.resolve(), final_uri=final_uri)
+        except GuardNoSafeStep as e:
+            # The refusal (report.json with the curve, the MLflow store, no model) is kept in a
+            # new or empty --out; an earlier heal's results there are left as they were.
+            if out.exists() and any(out.iterdir()):
+                raise
+            refused = e
         if resolve_tracking_uri(job, stage) != final_uri:  # the default store lives in the stage
             from potion.pipeline.tracking import relocate_sqlite_store
 
             relocate_sqlite_store(stage / "mlflow.db", stage.resolve(), out.resolve())
+    if refused is not None:
+        raise refused
     return report
 
 
@@ -306,9 +337,10 @@ def _heal(inputs: HealInputs, job: HealJob, out: Path, share, count, identified,
     check_deletion_is_poison(inputs, deletion, source)
     n_total = inputs.n_train
     retain = np.setdiff1d(np.arange(n_total), deletion)
+    bs, bs_auto = resolve_batch_size(job.importance_batch_size, len(retain))
+    job = dataclasses.replace(job, importance_batch_size=bs)  # the cache key and Ray shards see the B used
     view = inputs.train
     forget_view, retain_view = view.subset(deletion), view.subset(retain)
-    bs = job.importance_batch_size
     eval_bs = job.eval_batch_size or eval_batch_size(device)
     retain_sample = parse_retain_sample(job.retain_sample,
                                         job.seed if job.retain_sample_seed is None else job.retain_sample_seed)
@@ -320,6 +352,11 @@ def _heal(inputs: HealInputs, job: HealJob, out: Path, share, count, identified,
         rng = np.random.default_rng(job.seed)
         pos = np.sort(rng.choice(len(clean), size=min(job.val_size, len(clean)), replace=False))
         val_batches = list(clean.subset(pos).batches(eval_bs, device=device))
+
+    proxy = proxy_batches = None
+    if job.method in GUARDED:
+        proxy = draw_proxy(retain, job.proxy_size, job.seed)
+        proxy_batches = list(view.subset(proxy).batches(eval_bs, device=device))
 
     model = inputs.model
     recorded = None if job.remeasure else inputs.recorded_metrics
@@ -356,7 +393,13 @@ def _heal(inputs: HealInputs, job: HealJob, out: Path, share, count, identified,
         grid_score=_grid_scorer(inputs, job.seed, eval_bs, device) if job.method == "ssd_grid" else None,
         ssd_alpha=job.ssd_alpha,
         ssd_lambda=job.ssd_lambda,
+        proxy_batches=proxy_batches,
+        guard=job.guard,
+        allow_damage=job.allow_damage,
     )
+    extra = {"importance_batch_size": {"value": bs, "auto": bs_auto, "n_retain": int(len(retain))}}
+    if proxy is not None:
+        extra["proxy"] = proxy_record(proxy, job.seed, len(retain))
 
     tracker_cm = _tracker(tracking_uri, job, inputs, final_out or out)
     with tracker_cm as tracker:
@@ -364,19 +407,29 @@ def _heal(inputs: HealInputs, job: HealJob, out: Path, share, count, identified,
             from potion.pipeline.ray_search import make_ray_search
 
             callbacks = [tracker.tune_callback()] if tracker else []
-            ctx.search = make_ray_search(
-                model_factory=inputs.spec.build,
-                gpus_per_trial=job.gpus_per_trial, storage_path=str(out.resolve() / "ray_results"),
-                callbacks=callbacks, progress=progress, placement=placement,
-            )
+            ray_spec = dict(model_factory=inputs.spec.build, gpus_per_trial=job.gpus_per_trial,
+                            storage_path=str(out.resolve() / "ray_results"), callbacks=callbacks,
+                            progress=progress, placement=placement)
+            ctx.search = make_ray_search(**ray_spec)
+            if job.method in GUARDED:
+                from potion.pipeline.ray_search import make_ray_guard_search
+
+                ctx.guard_search = make_ray_guard_search(**ray_spec)
         try:
             result = heal(job.method, ctx)
         except (PTNNoCrossing, NothingToHeal) as e:
+            trace = [t.to_dict() for t in getattr(e, "trace", [])]
+            guard_info = e.decision.to_dict() if isinstance(e, GuardNoSafeStep) else None
             if job.on_no_crossing != "keep":
+                if guard_info is not None:
+                    _report_refusal(e, guard_info, trace, extra, job, out, tracker, final_out or out)
                 raise
-            reason = "no_crossing" if isinstance(e, PTNNoCrossing) else "nothing_to_heal"
-            result = HealResult(job.method, state0, {reason: True, "message": str(e),
-                                                     "trace": [t.to_dict() for t in getattr(e, "trace", [])]}, {})
+            reason = ("guard_no_safe_step" if guard_info is not None
+                      else "no_crossing" if isinstance(e, PTNNoCrossing) else "nothing_to_heal")
+            info = {reason: True, "message": str(e), "trace": trace}
+            if guard_info is not None:
+                info["guard"] = guard_info
+            result = HealResult(job.method, state0, info, {})
         healed = inputs.spec.build()
         healed.load_state_dict(result.state_dict)
         healed.eval()
@@ -386,13 +439,15 @@ def _heal(inputs: HealInputs, job: HealJob, out: Path, share, count, identified,
             after = _measured(healed, inputs, forget_view, eval_bs, device, job.fast_eval)
         report = _report(job, inputs, deletion, source, before, after, result, time.perf_counter() - t_start)
         report["before_source"] = before_source
+        report.update(extra)
         if placement:
             report["placement"] = placement  # which Ray node ran which shard and which step k
         if tracker:
             trace = result.info.get("trace") or []
             if job.backend != "ray":
                 tracker.log_children(trace)
-            tracker.log_curve(trace, threshold=result.info.get("threshold"), k_star=result.info.get("k_star"))
+            tracker.log_curve(trace, threshold=result.info.get("threshold"), k_star=result.info.get("k_star"),
+                              guard=result.info.get("guard"))
             report["mlflow"] = {"tracking_uri": final_uri or tracking_uri, "parent_run_id": tracker.parent_run_id,
                                 "experiment": job.experiment, "experiment_id": tracker.experiment_id}
         _write_outputs(out, healed, inputs, deletion, report, overwrite)
@@ -414,6 +469,20 @@ def _measured(model, inputs: HealInputs, forget_view, bs: int, device: str, fast
 
 def _unchanged(state: dict, state0: dict) -> bool:
     return state.keys() == state0.keys() and all(torch.equal(state[k].cpu(), state0[k].cpu()) for k in state0)
+
+
+def _report_refusal(e: GuardNoSafeStep, guard_info: dict, trace: list, extra: dict, job: HealJob, out: Path,
+                    tracker, final_out: Path) -> None:
+    """The guard refused every step: record why, with the curve, but write no model
+    (``run_heal`` keeps this report only in a new or empty --out)."""
+    refusal = {"method": job.method, "healed": False, "message": str(e), "guard": guard_info, "trace": trace,
+               **extra, "config": to_dict(job)}
+    if tracker:
+        tracker.log_curve(trace, guard=guard_info)
+    if not (out / REPORT_FILE).exists() and not (out / MODEL_FILE).exists():
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / REPORT_FILE, refusal)
+        e.args = (f"{e.args[0]}. Curve and reasons: {final_out / REPORT_FILE}",)
 
 
 def resolve_tracking_uri(job: HealJob, out: Path) -> str | None:

@@ -34,6 +34,7 @@ import torch
 from ray.tune.search import Searcher
 
 from potion.errors import PotionError
+from potion.unlearning.guard import GuardConfig, GuardResult, guard_result, guard_scan
 from potion.unlearning.ptn import (
     PTNConfig,
     PTNResult,
@@ -48,7 +49,8 @@ from potion.unlearning.ptn import (
 )
 from potion.progress import progress_bar
 
-METRICS = ("k", "s", "alpha", "lam", "n_selected", "acc_forget", "acc_val")
+METRICS = ("k", "s", "alpha", "lam", "n_selected", "acc_forget", "acc_val", "acc_proxy", "acc_proxy_target",
+           "acc_proxy_other")
 # A trial is a pure function of k, so a trial whose worker died (killed, OOM, node lost)
 # simply runs again: Tune restarts it TRIAL_RETRIES times, then the searcher proposes the
 # same k once more in a fresh trial. An exception inside the trial is deterministic and is
@@ -78,6 +80,7 @@ class SearchPayload:
     n_total: int
     config: PTNConfig
     model_factory: Callable[[], torch.nn.Module] | None = None
+    proxy_batches: list[tuple[np.ndarray, np.ndarray]] | None = None
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
@@ -105,6 +108,7 @@ def make_payload(
     model_name: str | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
     model_factory: Callable[[], torch.nn.Module] | None = None,
+    proxy_batches: Iterable | None = None,
 ) -> SearchPayload:
     if model_name is None and model_factory is None:
         raise PotionError("the Ray PTN search needs a model name (with its kwargs) or a model_factory to rebuild the model in trials")
@@ -123,6 +127,7 @@ def make_payload(
         n_total=int(n_total),
         config=config,
         model_factory=model_factory,
+        proxy_batches=None if proxy_batches is None else _batches_np(proxy_batches),
     )
 
 
@@ -131,7 +136,8 @@ def payload_from_evaluator(evaluator: StepEvaluator, config: PTNConfig | None = 
     return make_payload(
         state0=evaluator.state0, imp_f=evaluator.imp_f, imp_r=evaluator.imp_r,
         forget_batches=evaluator.forget_batches, n_forget=evaluator.n_forget, n_total=evaluator.n_total,
-        config=config or evaluator.config, val_batches=evaluator.val_batches, **model_spec,
+        config=config or evaluator.config, val_batches=evaluator.val_batches,
+        proxy_batches=evaluator.proxy_batches, **model_spec,
     )
 
 
@@ -160,6 +166,7 @@ def build_evaluator(payload: SearchPayload, device: str = "cpu") -> StepEvaluato
         conv(payload.forget_batches), payload.n_forget, payload.n_total, payload.config,
         val_batches=None if payload.val_batches is None else conv(payload.val_batches),
         device=device,
+        proxy_batches=None if payload.proxy_batches is None else conv(payload.proxy_batches),
     )
 
 
@@ -200,7 +207,10 @@ class PTNSearcher(Searcher):
     """Proposes PTN steps k; see the module docstring for the two strategies."""
 
     def __init__(self, threshold: float, max_steps: int, window: int, strategy: str = "waves",
-                 on_result: Callable[[StepResult], None] | None = None, reproposals: int = REPROPOSALS):
+                 on_result: Callable[[StepResult], None] | None = None, reproposals: int = REPROPOSALS,
+                 done: Callable[[list[StepResult]], bool] | None = None):
+        """``done`` (the damage guard): the window keeps going past the first crossing until
+        ``done(results)`` says the contiguous prefix k = 0..H decides; bisect is refused."""
         super().__init__(metric="acc_forget", mode="min")
         self.on_result = on_result  # called on the driver as each step's result arrives
         self.reproposals = int(reproposals)
@@ -214,6 +224,9 @@ class PTNSearcher(Searcher):
         self.max_steps = int(max_steps)
         self.window = int(window)
         self.bisect = strategy == "bisect"
+        self.done_fn = done
+        if done is not None and self.bisect:
+            raise PotionError("the damage guard scans every step up to its horizon; use strategy linear or waves")
         self.results: dict[int, StepResult] = {}
         self.pending: dict[str, int] = {}  # trial id → k
         self.proposed: list[int] = []
@@ -271,13 +284,18 @@ class PTNSearcher(Searcher):
         return smallest_crossing(self.results.values(), self.threshold)
 
     def _next_window(self):
-        hit = self.crossing()
-        if hit is not None:
-            # Everything below hit.k was proposed (proposals are consecutive); wait for it.
-            return None if any(k < hit.k for k in self.pending.values()) else Searcher.FINISHED
+        open_ks = [*self.pending.values(), *self.retry]
+        if self.done_fn is not None:
+            if self.done_fn(list(self.results.values())):
+                return Searcher.FINISHED  # decided from the contiguous prefix: nothing pending matters
+        else:
+            hit = self.crossing()
+            if hit is not None:
+                # Everything below hit.k was proposed (proposals are consecutive); wait for it.
+                return None if any(k < hit.k for k in open_ks) else Searcher.FINISHED
         if self._next_k > self.max_steps:
-            return None if self.pending else Searcher.FINISHED
-        lowest_open = min([*self.pending.values(), *self.retry], default=self._next_k)
+            return None if open_ks else Searcher.FINISHED
+        lowest_open = min(open_ks, default=self._next_k)
         if self._next_k >= lowest_open + self.window:
             return None
         k, self._next_k = self._next_k, self._next_k + 1
@@ -321,6 +339,8 @@ def result_from_metrics(m: Mapping[str, Any]) -> StepResult:
         k=int(m["k"]), s=float(m["s"]), alpha=float(m["alpha"]), lam=float(m.get("lam", 1.0)),
         n_selected=int(m["n_selected"]), acc_forget=float(m["acc_forget"]),
         acc_val=None if m.get("acc_val") is None else float(m["acc_val"]),
+        **{key: None if m.get(key) is None else float(m[key])
+           for key in ("acc_proxy", "acc_proxy_target", "acc_proxy_other")},
     )
 
 
@@ -357,7 +377,6 @@ def ray_ptn_search(
     which node measured which k (``trials``) and how many dead trials were restarted.
     """
     import ray
-    from ray import tune
 
     if not ray.is_initialized():
         raise PotionError("Ray is not connected; call potion.pipeline.ray_runtime.connect() first")
@@ -374,56 +393,15 @@ def ray_ptn_search(
         bar.update(1)
 
     searcher = PTNSearcher(threshold, cfg.max_steps, window, strategy, on_result=on_result)
-    if payload.config != cfg:
-        payload = dataclasses.replace(payload, config=cfg)
-    storage = os.path.abspath(storage_path or tempfile.mkdtemp(prefix="potion-ray-results-"))
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no per-trial csv/json/tensorboard files
-    # Tune's own Ctrl-C handler ends the experiment early and returns the partial results
-    # as if complete; we let the interrupt propagate instead (and check completeness below).
-    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-
-    recovered = _RecoveryCounter()
-    trainable = tune.with_resources(tune.with_parameters(ptn_trial, payload=payload),
-                                    dict(resources or trial_resources()))
-    tuner = tune.Tuner(
-        trainable,
-        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1, max_concurrent_trials=window,
-                                    reuse_actors=True),
-        run_config=tune.RunConfig(
-            name=f"ptn-{strategy}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
-            storage_path=storage, verbose=0, callbacks=[*callbacks, recovered],
-            # fail_fast would end the search at the first dead worker, retry or not
-            failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES, fail_fast=False),
-        ),
-    )
     try:
-        grid = tuner.fit()
-    except BaseException:
+        results = _run_trials(payload, cfg, searcher, window, strategy, resources, storage_path, callbacks,
+                              placement)
+    finally:
+        bar.set_postfix_str(search_outcome(smallest_crossing(searcher.results.values(), threshold), threshold, cfg),
+                            refresh=True)  # steps finish out of order
         bar.close()
-        raise
-    if searcher.failed:
-        bar.close()
-        raise PotionError(f"a PTN trial failed on the Ray cluster: {searcher.failed}")
-    if not searcher.done:
-        # Tune stops early only when told to (a signal, SIGUSR1): never read that as a search.
-        bar.close()
-        measured = max(searcher.results, default=None)
-        raise KeyboardInterrupt(f"the Ray PTN search was stopped after measuring up to k={measured}")
-    results = dict(searcher.results)
-    for res in grid:
-        if res.metrics and "acc_forget" in res.metrics:
-            r = result_from_metrics(res.metrics)
-            results.setdefault(r.k, r)
-    if placement is not None:
-        by_node: dict[str, list[int]] = {}
-        for k in sorted(searcher.nodes):
-            by_node.setdefault(searcher.nodes[k], []).append(k)
-        placement["trials"] = by_node
-        placement["trial_restarts"] = recovered.count + sum(searcher.reproposed.values())
     trace = [results[k] for k in sorted(results)]
     hit = smallest_crossing(trace, threshold)
-    bar.set_postfix_str(search_outcome(hit, threshold, cfg), refresh=True)  # steps finish out of order
-    bar.close()
     if hit is None:
         if not trace:
             raise PotionError("the Ray PTN search ran no trials; check the cluster's resources (CPU/GPU per trial)")
@@ -440,6 +418,148 @@ def ray_ptn_search(
         trace=trace, evaluations=len(trace), strategy=f"ray-{'bisect' if strategy == 'bisect' else 'window'}",
         state_dict=state,
     )
+
+
+def _run_trials(payload: SearchPayload, cfg: PTNConfig, searcher: PTNSearcher, window: int, name: str,
+                resources: Mapping[str, float] | None, storage_path, callbacks: Sequence,
+                placement: dict | None = None) -> dict[int, StepResult]:
+    """One Tune experiment driven by ``searcher``; the measured steps by k. ``placement``,
+    when given, receives which node measured which k and how many dead trials were restarted."""
+    from ray import tune
+
+    if payload.config != cfg:
+        payload = dataclasses.replace(payload, config=cfg)
+    storage = os.path.abspath(storage_path or tempfile.mkdtemp(prefix="potion-ray-results-"))
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no per-trial csv/json/tensorboard files
+    # Tune's own Ctrl-C handler ends the experiment early and returns the partial results
+    # as if complete; we let the interrupt propagate instead (and check completeness below).
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+
+    recovered = _RecoveryCounter()
+    trainable = tune.with_resources(tune.with_parameters(ptn_trial, payload=payload),
+                                    dict(resources or trial_resources()))
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1, max_concurrent_trials=window,
+                                    reuse_actors=True),
+        run_config=tune.RunConfig(
+            name=f"ptn-{name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
+            storage_path=storage, verbose=0, callbacks=[*callbacks, recovered],
+            # fail_fast would end the search at the first dead worker, retry or not
+            failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES, fail_fast=False),
+        ),
+    )
+    grid = tuner.fit()
+    if searcher.failed:
+        raise PotionError(f"a PTN trial failed on the Ray cluster: {searcher.failed}")
+    if not searcher.done:
+        # Tune stops early only when told to (a signal, SIGUSR1): never read that as a search.
+        measured = max(searcher.results, default=None)
+        raise KeyboardInterrupt(f"the Ray PTN search was stopped after measuring up to k={measured}")
+    results = dict(searcher.results)
+    for res in grid:
+        if res.metrics and "acc_forget" in res.metrics:
+            r = result_from_metrics(res.metrics)
+            results.setdefault(r.k, r)
+    if placement is not None:
+        by_node: dict[str, list[int]] = {}
+        for k in sorted(searcher.nodes):
+            by_node.setdefault(searcher.nodes[k], []).append(k)
+        placement["trials"] = by_node
+        placement["trial_restarts"] = recovered.count + sum(searcher.reproposed.values())
+    return results
+
+
+def ray_guard_search(
+    payload: SearchPayload,
+    config: PTNConfig | None = None,
+    guard: GuardConfig | None = None,
+    allow_damage: bool = False,
+    *,
+    window: int | None = None,
+    resources: Mapping[str, float] | None = None,
+    storage_path: str | os.PathLike | None = None,
+    callbacks: Sequence = (),
+    evaluator: StepEvaluator | None = None,
+    progress: bool = False,
+    placement: dict | None = None,
+) -> GuardResult:
+    """The damage guard over Ray Tune: the same choice as ``guard_search``.
+
+    The window runs past the paper's k* until ``guard_scan`` decides on the contiguous
+    prefix k = 0..H; steps past H that were already in flight are dropped, so the choice
+    is made on exactly the steps the local scan sees.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        raise PotionError("Ray is not connected; call potion.pipeline.ray_runtime.connect() first")
+    if payload.proxy_batches is None:
+        raise PotionError("the damage guard needs the clean proxy in the search payload (proxy_batches)")
+    cfg = config or payload.config
+    gcfg = guard or GuardConfig()
+    window = int(window or cfg.window)
+    evaluator = evaluator or build_evaluator(payload, "cpu")
+    threshold = crossing_threshold(evaluator, cfg)
+    acc0 = float(evaluator.acc0)
+    base = evaluator.proxy_base
+
+    def scan(steps):
+        return guard_scan(steps, threshold=threshold, acc0=acc0, base=base, cfg=gcfg, max_steps=cfg.max_steps)
+
+    bar = progress_bar(desc=f"{search_label('guard')} on Ray, {window} in flight", unit="step", enabled=progress)
+
+    def on_result(r: StepResult) -> None:
+        bar.set_postfix_str(describe_step(r, threshold), refresh=False)
+        bar.update(1)
+
+    searcher = PTNSearcher(threshold, cfg.max_steps, window, "waves", on_result=on_result,
+                           done=lambda steps: scan(steps).done)
+    try:
+        results = _run_trials(payload, cfg, searcher, window, "guard", resources, storage_path, callbacks,
+                              placement)
+    finally:
+        bar.close()
+    if not results:
+        raise PotionError("the Ray PTN search ran no trials; check the cluster's resources (CPU/GPU per trial)")
+    trace = [results[k] for k in sorted(results)]
+    decision = scan(trace)
+    if not decision.done:  # the searcher never lets this happen; guard against silent wrong answers
+        raise PotionError(f"the Ray guard search ended before the scan decided (contiguous steps up to "
+                          f"k={decision.horizon})")
+    return guard_result(evaluator, cfg, gcfg, trace, decision, "ray-guard", allow_damage)
+
+
+def make_ray_guard_search(
+    *,
+    model_name: str | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+    model_factory: Callable[[], torch.nn.Module] | None = None,
+    window: int | None = None,
+    gpus_per_trial: float = 0.25,
+    cpus_per_trial: float = 1.0,
+    resources: Mapping[str, float] | None = None,
+    storage_path: str | os.PathLike | None = None,
+    callbacks: Sequence = (),
+    progress: bool = False,
+    placement: dict | None = None,
+) -> Callable[..., GuardResult]:
+    """A drop-in for ``guard_search(evaluator, config, guard, allow_damage)``
+    (``HealContext.guard_search``) that runs the steps as Ray Tune trials."""
+
+    def search(evaluator: StepEvaluator, config: PTNConfig | None = None, guard: GuardConfig | None = None,
+               allow_damage: bool = False) -> GuardResult:
+        cfg = config or evaluator.config
+        payload = payload_from_evaluator(evaluator, cfg, model_name=model_name, model_kwargs=model_kwargs,
+                                         model_factory=model_factory)
+        return ray_guard_search(
+            payload, cfg, guard, allow_damage, window=window,
+            resources=resources or trial_resources(gpus_per_trial, cpus_per_trial),
+            storage_path=storage_path, callbacks=callbacks, evaluator=evaluator, progress=progress,
+            placement=placement,
+        )
+
+    return search
 
 
 def make_ray_search(

@@ -37,7 +37,8 @@ def heal_table(report: dict) -> str:
     head = (f"method {report['method']} ({report['backend']}), deletion set {report['deletion_set']['size']}"
             f"{of}; k*={report.get('k_star')} alpha={fmt(report.get('alpha'))}")
     note = report["before"].get("note")
-    return head + "\n" + format_table(heal_rows(report), METRIC_COLUMNS) + (f"\n{note}" if note else "")
+    return (head + "\n" + format_table(heal_rows(report), METRIC_COLUMNS) + (f"\n{note}" if note else "")
+            + guard_lines(report))
 
 
 def before_after_metrics(report: dict) -> dict[str, float]:
@@ -49,3 +50,16 @@ def before_after_metrics(report: dict) -> dict[str, float]:
             if isinstance(row.get(key), (int, float)):
                 out[prefix + key] = float(row[key])
     return out
+
+
+def guard_lines(report: dict) -> str:
+    """What the damage guard saw and why it chose its step (xlf_ptn_guard only)."""
+    g = (report.get("info") or {}).get("guard")
+    if not g:
+        return ""
+    p0, proxy = g.get("proxy0") or {}, report.get("proxy") or {}
+    k = report.get("k_star")
+    dmg = (g.get("damage") or {}).get(str(k))
+    return (f"\ndamage guard: δ={fmt(g.get('max_damage'))} points on a clean proxy of {proxy.get('size', p0.get('n'))} "
+            f"retain images (θ0: {fmt(p0.get('acc'))}); chosen k={k} (proxy damage {fmt(dmg)}), paper's "
+            f"k*={g.get('k_paper')}\n  why: {g.get('reason')}")

@@ -370,21 +370,32 @@ class SearchTracker:
         return made
 
     # -- the parent's curve and results -------------------------------------------
-    def log_curve(self, trace: Sequence[Any], threshold: float | None = None, k_star: int | None = None) -> None:
+    def log_curve(self, trace: Sequence[Any], threshold: float | None = None, k_star: int | None = None,
+                  guard: Mapping[str, Any] | None = None) -> None:
         """The trade-off curve as parent metrics ``curve/<field>`` stepped by k, and a PNG
         plot of it. With ``k_star``, the chosen step's own values go on the parent under
         the plain field names (``acc_forget``, ``s``, ``alpha``, ...) with ``k_star``: the
-        numbers the run table shows are those of the model that was kept."""
+        numbers the run table shows are those of the model that was kept. With ``guard``
+        (xlf_ptn_guard) also the proxy damage per step, δ, θ0's proxy accuracy and the
+        reason for the chosen step (tag ``guard_reason``)."""
         from mlflow.entities import Metric
 
         self._require()
         steps = sorted((_step_dict(s) for s in trace), key=lambda d: d["k"])
         if not steps or not self._once("curve"):
             return
+        if guard:
+            damage = guard.get("damage") or {}
+            steps = [{**d, "proxy_damage": damage.get(str(int(d["k"])))} for d in steps]
         now = int(time.time() * 1000)
-        fields = [f for f in step_fields() if f != "k"]
+        fields = [f for f in step_fields() if f != "k"] + (["proxy_damage"] if guard else [])
         metrics = [Metric(CURVE_PREFIX + key, v, now, int(d["k"]))
                    for d in steps for key, v in _numeric(d, fields).items()]
+        if guard:
+            summary = {"max_damage": guard.get("max_damage"), "proxy0_acc": (guard.get("proxy0") or {}).get("acc"),
+                       "k_paper": guard.get("k_paper"), "poison_share_est": guard.get("poison_share")}
+            metrics += [Metric(key, v, now, 0) for key, v in _numeric(summary, list(summary)).items()]
+            self.client.set_tag(self.parent_run_id, "guard_reason", str(guard.get("reason", ""))[:5000])
         hit = [d for d in steps if d["k"] == k_star]
         if hit:
             chosen = {"k_star": hit[0]["k"], **_numeric(hit[0], fields)}
@@ -392,7 +403,7 @@ class SearchTracker:
         if threshold is not None:
             metrics.append(Metric("threshold", float(threshold), now, 0))
         self._log_metric_list(self.parent_run_id, metrics)
-        self.client.log_figure(self.parent_run_id, tradeoff_figure(steps, threshold, k_star), PLOT_FILE)
+        self.client.log_figure(self.parent_run_id, tradeoff_figure(steps, threshold, k_star, guard), PLOT_FILE)
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None, model_id: str | None = None) -> None:
         """Final numbers on the parent run (e.g. attack metrics before and after healing);
@@ -549,9 +560,11 @@ def curve_fields(steps: Sequence[Mapping[str, Any]]) -> list[str]:
     return [k for k in keys if any(d.get(k) is not None for d in steps)]
 
 
-def tradeoff_figure(steps: Sequence[Mapping[str, Any]], threshold: float | None = None, k_star: int | None = None):
+def tradeoff_figure(steps: Sequence[Mapping[str, Any]], threshold: float | None = None, k_star: int | None = None,
+                    guard: Mapping[str, Any] | None = None):
     """Every accuracy a step recorded against PTN's dial s_k, with the threshold ρ·acc0 and
-    the chosen step k* marked: the trade-off PTN walks along. s_k is not a share of
+    the chosen step k* marked (with ``guard``: the proxy's poison-corrected curve, θ0's
+    proxy accuracy, the bound δ and the paper's k*): the trade-off PTN walks along. s_k is not a share of
     parameters (it feeds the percentile q(s) = 100 − ln(1 + 100·s) that sets α, and grows
     past 1), so the axis says what it is. Uses the Agg canvas, never a display."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -573,6 +586,17 @@ def tradeoff_figure(steps: Sequence[Mapping[str, Any]], threshold: float | None 
         ax.axvline(h["s"], color="red", lw=1, label=f"k* = {k_star} (s = {h['s']:.3g}, α = {h['alpha']:.3g})")
         ax.plot([h["s"]], [h["acc_forget"]], "*", color="red", ms=12)
         title += f": k* = {k_star} of {len(steps)} steps evaluated"
+    base = (guard or {}).get("proxy0") or {}
+    if guard and base.get("acc") is not None:
+        pts = [(d["s"], base["acc"] + d["proxy_damage"] / 100) for d in steps if d.get("proxy_damage") is not None]
+        if pts:
+            ax.plot(*zip(*pts), "^-", ms=3, color="tab:green", label="proxy, poison-corrected")
+        ax.axhline(base["acc"], color="tab:green", ls=":", lw=1, label="θ0 on the proxy")
+        ax.axhline(base["acc"] - guard["max_damage"] / 100, color="tab:red", ls=":", lw=1,
+                   label=f"damage bound δ = {guard['max_damage']:g} points")
+        paper = [d for d in steps if d["k"] == guard.get("k_paper")]
+        if paper and guard.get("k_paper") != k_star:
+            ax.axvline(paper[0]["s"], color="gray", lw=1, ls="-.", label=f"paper's k* = {guard['k_paper']}")
     ax.set_title(title)
     ax.set_xscale("log")
     ax.set_xlabel(S_AXIS_LABEL)

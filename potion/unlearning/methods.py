@@ -19,6 +19,7 @@ from torch import nn
 from potion.errors import PotionError
 from potion.registry import Registry
 from potion.unlearning.dampening import dampen
+from potion.unlearning.guard import GuardConfig, guard_search
 from potion.unlearning.importances import compute_importances, importance_sums
 from potion.unlearning.sampling import RetainSample, SampledImportances, sampled_pass
 from potion.unlearning.ptn import PTNConfig, PTNResult, StepEvaluator, ptn_search
@@ -68,6 +69,12 @@ class HealContext:
     n_retain: int | None = None
     retain_batch_size: int | None = None
     fast_eval: bool = False  # CUDA: channels-last + half-precision autocast in the search's checks
+    # xlf_ptn_guard: the clean proxy (a slice of Dr, never Sf or the test split), δ and
+    # whether a step past δ may be returned; guard_search replaces the local scan (Ray)
+    proxy_batches: Sequence | None = None
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    allow_damage: bool = False
+    guard_search: Callable[..., PTNResult] | None = None
 
 
 @dataclass
@@ -221,6 +228,29 @@ def _ptn_method(name: str, estimator: str) -> Callable[[HealContext], HealResult
 
     run.__doc__ = f"PTN search (SPEC §8) over SSD dampening with {estimator} importances."
     return run
+
+
+@METHODS.register("xlf_ptn_guard")
+def _xlf_ptn_guard(ctx: HealContext) -> HealResult:
+    """XLF + PTN with the damage guard (beyond the paper): the step is chosen so that the
+    clean proxy's damage stays within δ (potion.unlearning.guard)."""
+    if ctx.proxy_batches is None:
+        raise PotionError("method 'xlf_ptn_guard' needs a clean proxy (proxy_batches: a slice of the retain set)")
+    imp_f, imp_r, timings = _both_importances(ctx, "xlf")
+    t0 = time.perf_counter()
+    evaluator = StepEvaluator(
+        ctx.model, ctx.state0, imp_f, imp_r, ctx.forget_batches, ctx.n_forget, ctx.n_total,
+        ctx.ptn, val_batches=ctx.val_batches, device=ctx.device, fast=ctx.fast_eval,
+        proxy_batches=ctx.proxy_batches,
+    )
+    gcfg = ctx.guard
+    if ctx.allow_damage:  # the paper's k* must stay reachable: never stop the scan on damage
+        gcfg = dataclasses.replace(gcfg, patience=ctx.ptn.max_steps + 1)
+    res = (ctx.guard_search or guard_search)(evaluator, ctx.ptn, gcfg, ctx.allow_damage)
+    timings["search_s"] = time.perf_counter() - t0
+    info = {"estimator": "xlf", "lam": 1.0, "ptn": dataclasses.asdict(ctx.ptn),
+            "retain_sample": retain_sample_record(ctx, imp_r), **res.to_dict()}
+    return HealResult("xlf_ptn_guard", res.state_dict, info, timings)
 
 
 METHODS.register("ssd_ptn")(_ptn_method("ssd_ptn", "fisher"))

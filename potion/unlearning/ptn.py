@@ -65,6 +65,25 @@ class StepResult:
     n_selected: int
     acc_forget: float
     acc_val: float | None = None
+    # the damage guard's clean proxy (a slice of Dr): all of it, its target-labelled part
+    # (the labels of Sf; it holds the undiscovered poison) and the rest
+    acc_proxy: float | None = None
+    acc_proxy_target: float | None = None
+    acc_proxy_other: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ProxyBase:
+    """θ0 on the proxy: accuracies and sizes of its target-labelled and other parts."""
+
+    acc: float
+    acc_target: float | None
+    acc_other: float | None
+    n: int
+    n_target: int
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -162,7 +181,9 @@ class StepEvaluator:
     θ0 is cloned on construction and never modified; every θ_k is built from it afresh.
     ``model`` is scratch space: each evaluation loads θ_k into it.
     ``val_batches`` (optional) is a sequence of (x, y) batches or a callable returning
-    an iterable of them; it is re-read for every step.
+    an iterable of them; it is re-read for every step. ``proxy_batches`` (optional, the
+    damage guard's clean slice of Dr) is measured at every step as a whole and split into
+    its target-labelled part (labels that occur in Sf) and the rest.
     """
 
     def __init__(
@@ -178,6 +199,7 @@ class StepEvaluator:
         val_batches: Sequence | Callable[[], Iterable] | None = None,
         device: str | torch.device = "cpu",
         fast: bool = False,
+        proxy_batches: Sequence | None = None,
     ):
         self.config = config or PTNConfig()
         self.device = torch.device(device)
@@ -200,6 +222,12 @@ class StepEvaluator:
         self.val_batches = val_batches
         self.quantiles = RatioQuantiles(importance_ratios(imp_f, imp_r))
         self._acc0: float | None = None
+        self.proxy_batches = None if proxy_batches is None else _to_device(proxy_batches, self.device)
+        if self.proxy_batches is not None and not self.proxy_batches:
+            raise PotionError("the clean proxy is empty: give the damage guard at least one retain sample")
+        # Sf carries the poisoned labels: they name the target class(es) without ground truth
+        self.target_labels = torch.unique(torch.cat([y.reshape(-1) for _, y in self.forget_batches]))
+        self._proxy_base = None
 
     # -- the maths of one step ------------------------------------------------------
     def share(self, k: int) -> float:
@@ -242,6 +270,44 @@ class StepEvaluator:
         batches = self.val_batches() if callable(self.val_batches) else self.val_batches
         return self._accuracy(batches)
 
+    def _proxy_counts(self) -> tuple[int, int, int, int]:
+        """(correct on target-labelled, target-labelled, correct on the rest, rest)."""
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        ct = nt = co = no = 0
+        targets = self.target_labels.to(self.device)
+        try:
+            with torch.no_grad():
+                for x, y in self.proxy_batches:
+                    hit = self.model(x).argmax(dim=1) == y
+                    is_t = torch.isin(y, targets)
+                    ct += int((hit & is_t).sum())
+                    nt += int(is_t.sum())
+                    co += int((hit & ~is_t).sum())
+                    no += int((~is_t).sum())
+        finally:
+            for m, mode in modes:
+                m.training = mode
+        return ct, nt, co, no
+
+    @staticmethod
+    def _proxy_accs(counts: tuple[int, int, int, int]) -> tuple[float, float | None, float | None]:
+        ct, nt, co, no = counts
+        return (ct + co) / (nt + no), (ct / nt if nt else None), (co / no if no else None)
+
+    @property
+    def proxy_base(self):
+        """θ0 on the proxy (computed once), or None without a proxy."""
+        if self.proxy_batches is None:
+            return None
+        if self._proxy_base is None:
+            self.model.load_state_dict(self.state0)
+            counts = self._proxy_counts()
+            acc, acc_t, acc_o = self._proxy_accs(counts)
+            self._proxy_base = ProxyBase(acc=acc, acc_target=acc_t, acc_other=acc_o,
+                                         n=counts[1] + counts[3], n_target=counts[1])
+        return self._proxy_base
+
     @property
     def acc0(self) -> float:
         """θ0's accuracy on Sf against the poisoned labels (computed once)."""
@@ -261,6 +327,7 @@ class StepEvaluator:
         state, alpha, n_sel = self._dampened(k)
         self.model.load_state_dict(state)
         del state
+        proxy = (None, None, None) if self.proxy_batches is None else self._proxy_accs(self._proxy_counts())
         return StepResult(
             k=int(k),
             s=self.share(k),
@@ -269,6 +336,9 @@ class StepEvaluator:
             n_selected=n_sel,
             acc_forget=self._accuracy(self.forget_batches),
             acc_val=self._val_accuracy(),
+            acc_proxy=proxy[0],
+            acc_proxy_target=proxy[1],
+            acc_proxy_other=proxy[2],
         )
 
     def evaluate_many(self, ks: Sequence[int]) -> list[StepResult]:

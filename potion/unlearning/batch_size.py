@@ -1,0 +1,34 @@
+"""The importance batch size B when the user gives none (SPEC §5: I depends on B).
+
+I is the mean over K = ⌈|Dr| / B⌉ batches of a function of the batch-mean gradient, so B
+sets how many independent looks at Dr the estimate averages. The rule aims at a number of
+batches K instead of a fixed B; the numbers it rests on are in
+benchmarks/results/batch_size.md.
+"""
+from __future__ import annotations
+
+from potion.errors import PotionError
+
+TARGET_BATCHES = 128
+MIN_BATCH = 16
+MAX_BATCH = 512
+
+
+def auto_batch_size(n_retain: int, target_batches: int = TARGET_BATCHES) -> int:
+    """The largest power of two B in [MIN_BATCH, MAX_BATCH] with |Dr| / B ≥ target_batches
+    (rounding towards more batches: fewer batches were the damaging side in every measurement)."""
+    if n_retain < 1:
+        raise PotionError(f"the retain set is empty (|Dr| = {n_retain}): nothing to compute importances on")
+    b = MIN_BATCH
+    while b < MAX_BATCH and n_retain / (2 * b) >= target_batches:
+        b *= 2
+    return b
+
+
+def resolve_batch_size(explicit: int | None, n_retain: int) -> tuple[int, bool]:
+    """(B, chosen automatically?): an explicit B always wins."""
+    if explicit is not None:
+        if isinstance(explicit, bool) or not isinstance(explicit, int) or explicit < 1:
+            raise PotionError(f"the importance batch size must be an integer >= 1, got {explicit!r}")
+        return explicit, False
+    return auto_batch_size(n_retain), True

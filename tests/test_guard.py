@@ -1,0 +1,277 @@
+"""The damage guard (xlf_ptn_guard): the pure selection on hand-built curves, the poison
+correction, the same choice from the Ray searcher's window, and a real tiny model."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from potion.errors import PotionError
+from potion.pipeline.heal import draw_proxy
+from potion.pipeline.ray_search import PTNSearcher
+from potion.unlearning.batch_size import auto_batch_size, resolve_batch_size
+from potion.unlearning.guard import (
+    GuardConfig,
+    GuardNoSafeStep,
+    estimate_poison_share,
+    guard_scan,
+    guard_search,
+    proxy_damage,
+)
+from potion.unlearning.importances import compute_importances
+from potion.unlearning.methods import HealContext, heal
+from potion.unlearning.ptn import PTNConfig, ProxyBase, StepEvaluator, StepResult, ptn_search
+
+# A proxy of 1000 samples, 100 of them target-labelled, all right at θ0.
+BASE = ProxyBase(acc=1.0, acc_target=1.0, acc_other=1.0, n=1000, n_target=100)
+
+
+def curve(a, other, target=None):
+    """Steps from a_k and the proxy's accuracy on its non-target / target parts."""
+    target = target or [1.0] * len(a)
+    return [StepResult(k=k, s=0.01 * k, alpha=1.0, lam=1.0, n_selected=k, acc_forget=a[k],
+                       acc_proxy=0.9 * other[k] + 0.1 * target[k], acc_proxy_target=target[k],
+                       acc_proxy_other=other[k]) for k in range(len(a))]
+
+
+def scan(steps, max_steps=None, **cfg):
+    return guard_scan(steps, threshold=0.2, acc0=1.0, base=BASE, cfg=GuardConfig(**cfg),
+                      max_steps=len(steps) - 1 if max_steps is None else max_steps)
+
+
+def test_crossing_inside_delta_returns_the_papers_k_star():
+    a = [1.0, 1.0, 0.8, 0.5, 0.15, 0.1, 0.0]
+    other = [1.0, 1.0, 0.999, 0.998, 0.995, 0.95, 0.9]
+    d = scan(curve(a, other), max_damage=1.0)
+    assert d.done and d.status == "k_star" and d.choice.k == d.k_paper == 4 and d.horizon == 4
+    assert d.damage[4] == pytest.approx(-100 * 0.9 * 0.005)
+
+
+def test_stepping_ahead_only_within_delta_and_to_lower_a_k():
+    a = [1.0, 0.5, 0.15, 0.18, 0.05, 0.0, 0.0]
+    other = [1.0, 1.0, 0.999, 0.999, 0.996, 0.95, 0.9]
+    d = scan(curve(a, other), max_damage=1.0, ahead=3)
+    # k = 5 heals fully but breaks δ (−4.5 points); k = 4 is the lowest a_k within δ
+    assert d.status == "ahead" and d.choice.k == 4 and d.k_paper == 2 and d.horizon == 5
+    assert scan(curve(a, other), max_damage=1.0, ahead=0).choice.k == 2
+
+
+def test_k_star_breaking_delta_falls_back_to_the_best_step_within_it():
+    a = [1.0, 0.9, 0.6, 0.4, 0.1, 0.0]
+    other = [1.0, 1.0, 0.998, 0.995, 0.9, 0.8]  # damage −0.18, −0.45 at k = 2, 3; −9 at k* = 4
+    d = scan(curve(a, other), max_damage=1.0)
+    assert d.k_paper == 4 and d.status == "partial" and d.choice.k == 3
+    assert "breaks δ=1" in d.reason and "partial" in d.reason
+    tight = scan(curve(a, other), max_damage=0.3)
+    assert tight.choice.k == 2
+
+
+def test_a_curve_that_never_crosses_and_damages_stops_after_patience():
+    a = [1.0] * 3 + [0.9] * 30
+    other = [1.0] * 3 + [0.95] * 30
+    d = scan(curve(a, other), max_damage=1.0, patience=4)
+    assert d.done and d.k_paper is None and d.horizon == 6 and d.choice is None and d.status == "none"
+    assert "4 consecutive steps" in d.reason
+    # with nothing over δ, the scan runs to max_steps and reports the best partial heal
+    d2 = scan(curve([1.0, 0.9, 0.7, 0.8], [1.0] * 4))
+    assert d2.horizon == 3 and d2.status == "partial" and d2.choice.k == 2
+
+
+def test_the_scan_is_not_done_before_its_horizon_and_ignores_gaps():
+    steps = curve([1.0, 0.5, 0.1, 0.0], [1.0] * 4)
+    assert not scan(steps[:2], max_steps=3).done
+    gap = [steps[0], steps[2], steps[3]]  # k = 1 missing: only the prefix k = 0 counts
+    d = guard_scan(gap, threshold=0.2, acc0=1.0, base=BASE, cfg=GuardConfig(), max_steps=3)
+    assert not d.done and d.horizon == 0
+
+
+def test_healed_undiscovered_poison_is_not_counted_as_damage_but_clean_target_loss_is():
+    # 10 % of the target-labelled proxy is undiscovered poison: it flips with Sf.
+    a = [1.0, 0.6, 0.4, 0.1, 0.0, 0.0]
+    target = [1.0, 0.96, 0.94, 0.91, 0.9, 0.6]
+    steps = curve(a, [1.0] * 6, target)
+    cfg = GuardConfig(ahead=2)
+    u = estimate_poison_share(steps, BASE, 1.0, cfg)
+    assert u == pytest.approx(0.1)  # min over k with Sf healed ≥ 50 %: (0.06/0.6, 0.09/0.9, 0.1/1, 0.4/1)
+    assert proxy_damage(steps[3], BASE, 1.0, u) == pytest.approx(0.0)
+    assert proxy_damage(steps[5], BASE, 1.0, u) == pytest.approx(-100 * 0.1 * 0.3)
+    d = scan(steps, ahead=2, max_damage=1.0)
+    assert d.k_paper == 3 and d.choice.k == 4  # k = 5 lost 30 % of the clean target class: refused
+    # without the correction the same healing would read as −1 point at k = 3
+    assert proxy_damage(steps[3], BASE, 1.0, 0.0) == pytest.approx(-0.9)
+    # the cap bounds what healing may ever explain away
+    assert estimate_poison_share(curve(a, [1.0] * 6, [1.0, 0.5, 0.4, 0.3, 0.3, 0.3]), BASE, 1.0,
+                                 GuardConfig(poison_cap=0.3)) == pytest.approx(0.3)
+
+
+def simulate(searcher, steps, window, seed):
+    """Drive the searcher as Tune does, finishing trials in random order."""
+    rng = random.Random(seed)
+    running, n, finished = {}, 0, False
+    while True:
+        while not finished and len(running) < window:
+            got = searcher.suggest(f"t{n}")
+            if got == PTNSearcher.FINISHED:
+                finished = True
+            elif got is None:
+                break
+            else:
+                running[f"t{n}"] = got["k"]
+                n += 1
+        if not running:
+            assert finished
+            return
+        tid = rng.choice(sorted(running))
+        k = running.pop(tid)
+        searcher.on_trial_complete(tid, {key: v for key, v in steps[k].to_dict().items() if v is not None})
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_ray_searcher_with_the_guard_makes_the_local_choice(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(5, 60))
+    a = np.clip(1.0 - np.cumsum(rng.uniform(0, 0.15, n)) + rng.normal(0, 0.05, n), 0, 1)
+    other = np.clip(1.0 - np.cumsum(rng.uniform(0, 0.004, n)), 0, 1)
+    target = np.clip(1.0 - np.cumsum(rng.uniform(0, 0.01, n)), 0, 1)
+    steps = curve(list(a), list(other), list(target))
+    cfg = GuardConfig(max_damage=float(rng.choice([0.3, 1.0, 2.0])), ahead=int(rng.integers(0, 4)), patience=3)
+    local = guard_scan(steps, threshold=0.2, acc0=1.0, base=BASE, cfg=cfg, max_steps=n - 1)
+    for window in (1, 3, 6):
+        def done(results):
+            return guard_scan(results, threshold=0.2, acc0=1.0, base=BASE, cfg=cfg, max_steps=n - 1).done
+
+        searcher = PTNSearcher(0.2, n - 1, window, "waves", done=done)
+        simulate(searcher, steps, window, seed)
+        got = guard_scan(list(searcher.results.values()), threshold=0.2, acc0=1.0, base=BASE, cfg=cfg,
+                         max_steps=n - 1)
+        assert got.done and got.horizon == local.horizon
+        assert (got.choice and got.choice.k) == (local.choice and local.choice.k), window
+        assert max(searcher.results) <= local.horizon + window - 1  # at most a window past the horizon
+    with pytest.raises(PotionError, match="linear or waves"):
+        PTNSearcher(0.2, 10, 2, "bisect", done=lambda r: True)
+
+
+def test_guard_config_rejects_bad_values():
+    for bad in ({"max_damage": -1.0}, {"ahead": -1}, {"patience": 0}, {"heal_min": 0.0}, {"poison_cap": 2.0}):
+        with pytest.raises(PotionError, match="guard."):
+            GuardConfig(**bad)
+
+
+# ---------------------------------------------------------------- a real tiny model
+@pytest.fixture(scope="module")
+def toy():
+    """A backdoored MLP (trigger: features 10–11 set to 4, target 0) and a clean proxy."""
+    g = torch.Generator().manual_seed(3)
+    n = 600
+    x = torch.randn(n, 12, generator=g)
+    y = x[:, :3].argmax(1)
+    cand = torch.nonzero(y != 0).flatten()
+    poison = cand[torch.randperm(len(cand), generator=g)[:40]]
+    x[poison, 10:] = 4.0
+    y[poison] = 0
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(150):
+        idx = torch.randint(0, n, (64,), generator=g)
+        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    forget = poison[:10]
+    retain = np.setdiff1d(np.arange(n), forget.numpy())
+    proxy = draw_proxy(retain, 300, 0)
+    xt = torch.randn(2000, 12, generator=g)  # a clean test set, to score what the proxy stands for
+    theta0 = {k: v.clone() for k, v in model.state_dict().items()}
+    return dict(model=model, theta0=theta0, fb=[(x[forget], y[forget])],
+                rb=[(x[retain][i:i + 64], y[retain][i:i + 64]) for i in range(0, len(retain), 64)],
+                pb=[(x[proxy], y[proxy])], test=(xt, xt[:, :3].argmax(1)), forget=forget.numpy(), proxy=proxy)
+
+
+def test_proxy_is_a_seeded_slice_of_the_retain_set_only():
+    retain = np.setdiff1d(np.arange(1000), [3, 50, 999])
+    p = draw_proxy(retain, 200, 7)
+    assert len(p) == 200 and np.all(np.diff(p) > 0) and np.isin(p, retain).all()
+    assert not np.isin([3, 50, 999], p).any()
+    assert np.array_equal(p, draw_proxy(retain, 200, 7)) and not np.array_equal(p, draw_proxy(retain, 200, 8))
+    assert np.array_equal(draw_proxy(retain, 5000, 0), retain)  # capped at |Dr|
+    with pytest.raises(PotionError, match="proxy_size"):
+        draw_proxy(retain, 0, 0)
+
+
+def test_on_a_real_model_healed_proxy_poison_is_not_read_as_damage(toy):
+    """The proxy (a slice of Dr) holds undiscovered poison under the target label. Healing
+    it drops the raw proxy accuracy by ~2.7 points while the real clean accuracy does not
+    move; the guard's corrected estimate sees that and keeps the paper's k*."""
+    m = toy["model"]
+    imp_f = compute_importances(m, toy["fb"], "xlf")
+    imp_r = compute_importances(m, toy["rb"], "xlf")
+    cfg = PTNConfig(step=1.5, max_steps=100)
+    xt, yt = toy["test"]
+
+    def test_acc(state):
+        m.load_state_dict(state)
+        with torch.no_grad():
+            return float((m(xt).argmax(1) == yt).float().mean())
+
+    ev = StepEvaluator(m, toy["theta0"], imp_f, imp_r, toy["fb"], 10, 600, cfg, proxy_batches=toy["pb"])
+    paper = ptn_search(ev, cfg)
+    got = guard_search(ev, cfg, GuardConfig(max_damage=1.0))
+    at_k = {r.k: r for r in got.trace}[paper.k_star]
+    raw = proxy_damage(at_k, ev.proxy_base, ev.acc0, 0.0)
+    assert raw < -2, "the proxy's own poison must make the raw reading look like damage"
+    assert got.k_star == paper.k_star and got.guard["status"] == "k_star"
+    assert got.guard["damage"][str(got.k_star)] >= -1.0
+    assert 0 < got.guard["poison_share"] <= 0.3
+    assert 100 * (test_acc(got.state_dict) - test_acc(toy["theta0"])) > -1.0  # what the estimate stood for
+    # δ = 0: k* (+0.67) still passes, a stricter reading would not: a partial heal below it
+    strict = guard_search(ev, cfg, GuardConfig(max_damage=0.0, poison_cap=0.0))
+    assert strict.k_star < paper.k_star and strict.guard["status"] == "partial"
+    assert strict.guard["damage"][str(strict.k_star)] >= 0.0
+
+
+def test_xlf_ptn_guard_method_needs_a_proxy_and_records_why(toy):
+    ctx = HealContext(model=toy["model"], state0=toy["theta0"], retain_batches=lambda: iter(toy["rb"]),
+                      forget_batches=toy["fb"], n_forget=10, n_total=600, ptn=PTNConfig(max_steps=300))
+    with pytest.raises(PotionError, match="clean proxy"):
+        heal("xlf_ptn_guard", ctx)
+    ctx.proxy_batches = toy["pb"]
+    res = heal("xlf_ptn_guard", ctx)
+    g = res.info["guard"]
+    assert {"reason", "max_damage", "proxy0", "k_paper", "damage", "status"} <= set(g)
+    assert g["proxy0"]["n"] == 300 and g["damage"][str(res.info["k_star"])] >= -g["max_damage"]
+
+
+def test_auto_batch_size_and_an_explicit_one_wins():
+    assert resolve_batch_size(512, 10) == (512, False)
+    assert resolve_batch_size(None, 1437)[1] is True
+    bs = [auto_batch_size(n) for n in (100, 1437, 20_000, 50_000, 1_281_167)]
+    assert bs == sorted(bs) and bs[0] >= 16 and bs[-1] <= 512
+    with pytest.raises(PotionError, match="batch size"):
+        resolve_batch_size(0, 100)
+
+
+def test_mlflow_and_the_plot_show_the_proxy_delta_and_why(tmp_path):
+    from mlflow import MlflowClient
+
+    from potion.pipeline.tracking import SearchTracker, tradeoff_figure
+
+    steps = curve([1.0, 0.6, 0.3, 0.1], [1.0, 1.0, 0.999, 0.99])
+    d = scan(steps)
+    guard = {**d.to_dict(), "max_damage": 1.0, "proxy0": BASE.to_dict()}
+    fig = tradeoff_figure([s.to_dict() | {"proxy_damage": d.damage[s.k]} for s in steps], 0.2, d.choice.k, guard)
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert any("δ = 1" in t for t in labels) and any("θ0 on the proxy" in t for t in labels)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with SearchTracker(uri, "guard", run_name="t") as tr:
+        tr.log_curve(steps, threshold=0.2, k_star=d.choice.k, guard=guard)
+        run_id = tr.parent_run_id
+    run = MlflowClient(tracking_uri=uri).get_run(run_id)
+    assert run.data.metrics["max_damage"] == 1.0 and run.data.metrics["proxy0_acc"] == 1.0
+    assert "keeps the proxy within δ" in run.data.tags["guard_reason"]
+    hist = MlflowClient(tracking_uri=uri).get_metric_history(run_id, "curve/proxy_damage")
+    assert sorted(m.step for m in hist) == [0, 1, 2, 3]
