@@ -184,7 +184,8 @@ def test_heal_records_the_sample_and_reads_theta0_metrics_from_the_run(tiny_run,
     from potion.pipeline.configs import HealJob
     from potion.pipeline.heal import run_heal
 
-    base = dict(tracking_uri="none", cache_dir="none", importance_batch_size=64, on_no_crossing="keep")
+    base = dict(method="xlf_ptn", tracking_uri="none", cache_dir="none", importance_batch_size=64,
+                on_no_crossing="keep")
     rep = run_heal(tiny_run, HealJob(retain_sample="0.5", **base), tmp_path / "a", share=0.5, progress=False)
     assert rep["retain_sample"]["mode"] == "share" and rep["retain_sample"]["n_used"] > 0
     assert rep["config"]["retain_sample"] == "0.5"
@@ -192,7 +193,7 @@ def test_heal_records_the_sample_and_reads_theta0_metrics_from_the_run(tiny_run,
     recorded = json.loads((tiny_run / "metrics.json").read_text())
     assert {k: rep["before"][k] for k in ("clean_acc", "ra", "asr")} == {k: recorded[k] for k in ("clean_acc", "ra", "asr")}
     assert 0 <= rep["before"]["deletion_acc"] <= 1
-    rep2 = run_heal(tiny_run, HealJob(method="none", remeasure=True, **base), tmp_path / "b", share=0.5,
+    rep2 = run_heal(tiny_run, HealJob(**{**base, "method": "none"}, remeasure=True), tmp_path / "b", share=0.5,
                     progress=False)
     assert rep2["before_source"] == "measured"
     assert rep2["before"]["clean_acc"] == pytest.approx(recorded["clean_acc"], abs=1e-6)

@@ -50,14 +50,15 @@ def check_train_job(job) -> None:
 def check_heal_job(job, share=None, count=None) -> None:
     check_seed(job.seed, "seed (--seed)")
     _int_in(job.val_size, "val_size (--val-size)", 0)
-    _int_in(job.importance_batch_size, "importance_batch_size (--batch-size)", 1)
+    if job.importance_batch_size is not None:  # None: chosen from the retain set's size
+        _int_in(job.importance_batch_size, "importance_batch_size (--batch-size)", 1)
     _int_in(job.importance_shards, "importance_shards", 0)
     _finite_in(job.gpus_per_trial, "gpus_per_trial", 0.0)
     _finite_in(job.ssd_alpha, "ssd_alpha", 0.0, lo_open=True)
     _finite_in(job.ssd_lambda, "ssd_lambda", 0.0, lo_open=True)
     if job.num_cpus is not None:
         _int_in(job.num_cpus, "num_cpus (--num-cpus)", 1)
-    if job.method.endswith("_ptn") and job.ptn.max_steps < 1:
+    if "_ptn" in job.method and job.ptn.max_steps < 1:
         raise PotionError(f"ptn.max_steps (--max-steps) must be at least 1 for {job.method}: step 0 dampens "
                           f"only the first share s_0, got {job.ptn.max_steps}")
     if share is not None:
