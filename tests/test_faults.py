@@ -346,9 +346,8 @@ def test_an_interrupted_search_leaves_no_mlflow_run_running(tmp_path):
 def test_searcher_survives_dead_trials_in_any_order():
     """Without Ray: trials die at random (once each, at most), the window search still
     returns linear's k* and measures every k below it."""
-    import random
-
     from potion.pipeline.ray_search import PTNSearcher
+    from searcher_driver import acc_result, drive
 
     rng = np.random.default_rng(0)
     for trial in range(40):
@@ -356,29 +355,15 @@ def test_searcher_survives_dead_trials_in_any_order():
         accs = list(rng.choice([0.1, 0.5, 0.9], size=n, p=[0.15, 0.35, 0.5]))
         want = next((k for k in range(n) if accs[k] <= 0.2), None)
         s = PTNSearcher(0.2, n - 1, 3, "waves" if trial % 2 else "bisect")
-        pick = random.Random(trial)
         died: set[int] = set()
-        running: dict[str, int] = {}
-        i, finished = 0, False
-        while True:
-            while not finished and len(running) < 3:
-                got = s.suggest(f"t{i}")
-                if got == PTNSearcher.FINISHED:
-                    finished = True
-                elif got is None:
-                    break
-                else:
-                    running[f"t{i}"] = got["k"]
-                    i += 1
-            if not running:
-                break
-            tid = pick.choice(sorted(running))
-            k = running.pop(tid)
-            if k not in died and pick.random() < 0.3:
+
+        def die(k, rng):  # each trial's worker dies at most once
+            if k not in died and rng.random() < 0.3:
                 died.add(k)
-                s.on_trial_complete(tid, None, error=True)
-            else:
-                s.on_trial_complete(tid, {"k": k, "s": 0.1, "alpha": 1.0, "n_selected": 1, "acc_forget": accs[k]})
+                return True
+            return False
+
+        drive(s, acc_result(accs), 3, trial, die)
         assert not s.failed
         if s.bisect:
             continue  # bisect's k* equals linear's only on monotone curves (tested elsewhere)

@@ -21,6 +21,7 @@ from potion.unlearning.guard import (
     proxy_damage,
 )
 from potion.unlearning.importances import compute_importances
+from searcher_driver import drive
 from potion.unlearning.methods import HealContext, heal
 from potion.unlearning.ptn import PTNConfig, ProxyBase, StepEvaluator, StepResult, ptn_search
 
@@ -107,25 +108,7 @@ def test_healed_undiscovered_poison_is_not_counted_as_damage_but_clean_target_lo
 
 
 def simulate(searcher, steps, window, seed):
-    """Drive the searcher as Tune does, finishing trials in random order."""
-    rng = random.Random(seed)
-    running, n, finished = {}, 0, False
-    while True:
-        while not finished and len(running) < window:
-            got = searcher.suggest(f"t{n}")
-            if got == PTNSearcher.FINISHED:
-                finished = True
-            elif got is None:
-                break
-            else:
-                running[f"t{n}"] = got["k"]
-                n += 1
-        if not running:
-            assert finished
-            return
-        tid = rng.choice(sorted(running))
-        k = running.pop(tid)
-        searcher.on_trial_complete(tid, {key: v for key, v in steps[k].to_dict().items() if v is not None})
+    drive(searcher, lambda k: {key: v for key, v in steps[k].to_dict().items() if v is not None}, window, seed)
 
 
 @pytest.mark.parametrize("seed", range(12))

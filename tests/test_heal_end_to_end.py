@@ -6,28 +6,29 @@ not just the shape of the output.
 One model is trained for the whole module (``run_dir``); every heal reads it.
 
 Bounds of the efficacy test, measured, not tuned. The run below (badnet, 5 % of digits
-poisoned, ResNet-9 width 0.25, 150 iterations) healed with the default method and a
+poisoned, ResNet-9 width 0.25, 150 iterations) healed with the default method
+(``xlf_ptn_guard``, δ = 1 point, importance batch size chosen from the data: 16 here) and a
 deletion set of 30 % of the poison, for seeds 0–4 of poison draw and training:
 
     for s in 0 1 2 3 4; do
       potion train --dataset digits --poison badnet --poison-share 0.05 --seed $s --iterations 150 --out r$s
-      potion heal --run r$s --discovery-share 0.3 --batch-size 16 --tracking-uri none --cache-dir none --out h$s
+      potion heal --run r$s --discovery-share 0.3 --tracking-uri none --cache-dir none --out h$s
     done
 
-measured (xlf_ptn, the default when measured):
+measured 2026-11-29 (guard status: k_star = the paper's k*, partial = a step below it):
 
-    seed  asr before→after  poison_healed before→after  clean_acc before→after
-    0     0.978 → 0.219     12.1 →  80.7                0.9889 → 0.9806
-    1     0.981 → 0.000     11.7 → 103.8                0.9944 → 0.8778
-    2     0.994 → 0.114     10.7 →  90.3                0.9833 → 0.9750
-    3     0.997 → 0.012     10.5 → 100.3                0.9833 → 0.9389
-    4     1.000 → 0.120     10.1 →  87.6                0.9889 → 0.9667
+    seed  k   guard    asr before→after  poison_healed before→after  clean_acc before→after
+    0     24  k_star   0.944 → 0.185     15.3 → 83.8                 0.9778 → 0.9778
+    1     20  partial  0.981 → 0.373     11.8 → 63.3                 0.9861 → 0.9833
+    2     29  partial  1.000 → 0.204     10.1 → 83.5                 0.9861 → 0.9750
+    3     25  partial  1.000 → 0.623     10.2 → 44.6                 0.9806 → 0.9833
+    4     42  partial  1.000 → 0.475     10.1 → 58.5                 0.9917 → 0.9778
 
-so the bounds leave a margin beyond the worst seed: asr after < 0.35 (worst 0.219), poison
-healed > 70 (worst 80.7), clean accuracy within 15 points of θ0's (worst −11.7). θ0 itself
-fails all but the last (asr ≈ 0.98, poison healed ≈ 12). The importance batch size is the
-demo's (16): at the default 512 digits' 1,437 images make only 3 batches, and the same
-seeds lose 40–76 points of clean accuracy.
+so the bounds leave a margin beyond the worst seed: asr after < 0.75 (worst 0.623), poison
+healed > 35 (worst 44.6), clean accuracy within 3 points of θ0's (worst −1.4). θ0 itself
+fails the first two (asr ≥ 0.94, poison healed ≤ 15.3). The paper-exact ``xlf_ptn`` healed
+more on the same seeds (80.7–103.8) at up to −11.7 points of clean accuracy; the guard
+trades that healing for at most ~1 point of damage.
 """
 from __future__ import annotations
 
@@ -45,10 +46,10 @@ from potion.pipeline.configs import HealJob
 pytestmark = pytest.mark.slow
 
 SEED = 0
-ASR_AFTER_MAX = 0.35
-POISON_HEALED_MIN = 70.0
-CLEAN_DROP_MAX = 0.15
-HEAL_ARGS = ["--discovery-share", "0.3", "--batch-size", "16", "--quiet"]
+ASR_AFTER_MAX = 0.75
+POISON_HEALED_MIN = 35.0
+CLEAN_DROP_MAX = 0.03
+HEAL_ARGS = ["--discovery-share", "0.3", "--quiet"]
 
 
 @pytest.fixture(scope="module")

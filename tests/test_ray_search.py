@@ -22,6 +22,7 @@ from potion.pipeline.ray_search import (
     ray_ptn_search,
 )
 from potion.unlearning.ptn import PTNConfig, PTNNoCrossing, StepEvaluator, StepResult, ptn_search
+from searcher_driver import acc_result, drive
 
 FINISHED = PTNSearcher.FINISHED
 
@@ -35,29 +36,7 @@ def linear_k_star(accs, threshold, max_steps):
 
 
 def simulate(searcher: PTNSearcher, accs, window: int, seed: int):
-    """Drive the searcher as Tune does (at most ``window`` trials in flight, each new
-    trial asked for when one ends), finishing trials in a random order."""
-    rng = random.Random(seed)
-    running: dict[str, int] = {}
-    n = 0
-    finished = False
-    while True:
-        while not finished and len(running) < window:
-            got = searcher.suggest(f"t{n}")
-            if got == FINISHED:
-                finished = True
-            elif got is None:
-                break
-            else:
-                running[f"t{n}"] = got["k"]
-                n += 1
-        if not running:
-            assert finished, "the searcher stalled: nothing running and not finished"
-            return searcher
-        tid = rng.choice(sorted(running))
-        k = running.pop(tid)
-        searcher.on_trial_complete(tid, {"k": k, "s": 0.1, "alpha": 1.0, "lam": 1.0, "n_selected": 1,
-                                         "acc_forget": accs[k]})
+    return drive(searcher, acc_result(accs), window, seed)
 
 
 @pytest.mark.parametrize("window", [1, 2, 4, 7])
