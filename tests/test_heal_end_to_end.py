@@ -97,8 +97,9 @@ def test_the_default_heal_heals(default_heal):
     assert after["poison_healed"] > POISON_HEALED_MIN, rep["after"]
     assert after["clean_acc"] >= before["clean_acc"] - CLEAN_DROP_MAX, rep["after"]
     # The numbers describe the written model, not some other state.
-    assert main(["evaluate", "--run", rep["run"], "--checkpoint", str(out / "model.pt")]) == 0
-    measured = json.loads((out / "model.metrics.json").read_text())
+    metrics = out.parent / "model.metrics.json"
+    assert main(["evaluate", "--run", rep["run"], "--checkpoint", str(out / "model.pt"), "--out", str(metrics)]) == 0
+    measured = json.loads(metrics.read_text())
     assert measured["asr"] == pytest.approx(after["asr"]) and measured["clean_acc"] == pytest.approx(after["clean_acc"])
 
 
