@@ -93,7 +93,8 @@ def test_a_heal_on_three_nodes_spreads_the_work_and_survives_losing_one(cluster,
     try:
         ray_search.ptn_trial = slowed_trial(inner, started, None)
         spread = run_heal(run_dir, HealJob(**base), tmp_path / "spread", share=0.3, progress=False)
-        assert spread["k_star"] == local["k_star"] and spread["alpha"] == local["alpha"]
+        # the sharded sum adds per-shard sums: the same k*, α equal up to float summation order
+        assert spread["k_star"] == local["k_star"] and spread["alpha"] == pytest.approx(local["alpha"], rel=1e-5)
         place = spread["placement"]
         assert len(place["importance_shards"]) == 3  # one shard per node
         assert len(place["trials"]) >= 2 and sum(map(len, place["trials"].values())) == len(spread["trace"])
@@ -116,6 +117,6 @@ def test_a_heal_on_three_nodes_spreads_the_work_and_survives_losing_one(cluster,
         ray_search.ptn_trial = inner
         cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     assert any(started.iterdir())  # a trial was running on the node that went
-    assert lost["k_star"] == local["k_star"] and lost["alpha"] == local["alpha"]
+    assert lost["k_star"] == local["k_star"] and lost["alpha"] == pytest.approx(local["alpha"], rel=1e-5)
     assert lost["placement"]["trial_restarts"] >= 1
     json.dumps(lost)  # the report stays serialisable
