@@ -35,3 +35,15 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "ray_local" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.ray)
+
+
+@pytest.fixture(scope="session")
+def small_digits_run(tmp_path_factory):
+    """A tiny poisoned run (digits, 5 % badnet, 120 iterations), trained once per session
+    for the tests that only need some healable run. Tests read it and never write into it."""
+    from potion.cli import main
+
+    out = tmp_path_factory.mktemp("digits-run") / "run"
+    assert main(["train", "--dataset", "digits", "--poison-share", "0.05", "--seed", "0", "--iterations", "120",
+                 "--out", str(out), "--quiet"]) == 0
+    return out

@@ -54,11 +54,8 @@ def processes_with(marker: str) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("faults") / "run"
-    assert main(["train", "--dataset", "digits", "--poison-share", "0.05", "--seed", "0", "--iterations", "120",
-                 "--out", str(out), "--quiet"]) == 0
-    return out
+def run_dir(small_digits_run) -> Path:
+    return small_digits_run
 
 
 # ---------------------------------------------------------------- Ctrl-C / SIGTERM of a Ray heal

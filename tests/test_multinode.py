@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from potion.cli import main
 
 pytestmark = pytest.mark.slow
 
@@ -24,11 +23,8 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("multinode") / "run"
-    assert main(["train", "--dataset", "digits", "--poison-share", "0.05", "--seed", "0", "--iterations", "120",
-                 "--out", str(out), "--quiet"]) == 0
-    return out
+def run_dir(small_digits_run) -> Path:
+    return small_digits_run
 
 
 def _node_ports() -> dict:
