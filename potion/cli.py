@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, help="give up after this many PTN steps (default 500)")
     p.add_argument("--strategy", choices=["linear", "waves", "bisect", "bracket"],
                    help="order of the PTN steps: linear (default: the paper's scan), bracket (gallop, then scan up "
-                        "from the last step below the threshold), waves, bisect (assumes a_k falls with k); "
+                        "from the last gallop step that did not cross), waves, bisect (assumes a_k falls with k); "
                         "xlf_ptn_guard always scans")
     p.add_argument("--window", type=int, help="PTN steps in flight at once on the Ray backend (default 4)")
     p.add_argument("--batch-size", type=int, help="importance batch size B (default: chosen from the size of "
