@@ -168,6 +168,20 @@ def mnist(src: Path) -> Prepared:
 
 
 # ---------------------------------------------------------------- CIFAR (python pickles)
+def _safe_extract(tar: tarfile.TarFile, dest: str) -> None:
+    """Extract only plain files and folders inside ``dest``: the "data" filter where Python
+    has extraction filters (3.11.4+), the same refusal by hand where it has not."""
+    if hasattr(tarfile, "data_filter"):
+        tar.extractall(dest, filter="data")
+        return
+    root = Path(dest).resolve()
+    for m in tar.getmembers():
+        target = (root / m.name).resolve()
+        if not (m.isfile() or m.isdir()) or (target != root and root not in target.parents):
+            raise tarfile.TarError(f"refusing archive member {m.name!r}: not a plain file inside the archive")
+    tar.extractall(dest)
+
+
 def _cifar(name: str, src: Path) -> Prepared:
     from potion.datasets.cifar import load_cifar
 
@@ -176,7 +190,7 @@ def _cifar(name: str, src: Path) -> Prepared:
         if src.is_file():
             try:
                 with tarfile.open(src) as tar:
-                    tar.extractall(tmp, filter="data")
+                    _safe_extract(tar, tmp)
             except (tarfile.TarError, OSError) as e:
                 raise PotionError(f"potion data {name}: cannot unpack {src} ({e}); expected the official "
                                   f"python archive ({name.replace('cifar', 'cifar-')}-python.tar.gz)") from None
