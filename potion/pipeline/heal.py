@@ -198,7 +198,11 @@ def make_importance_fn(inputs: HealInputs, job: HealJob, state0: dict, deletion:
         np.frombuffer(inputs.data_key.encode(), dtype=np.uint8), deletion,
     )
     bs = job.importance_batch_size
-    ray_pass = functools.partial(_ray_sums, inputs, job, state0, retain, progress, placement) if job.backend == "ray" else None
+    ray_pass = None
+    if job.backend == "ray":
+        # θ0 on the CPU once: a sampled pass calls the sharded pass at every checkpoint
+        state_cpu = {k: v.detach().cpu() for k, v in state0.items()}
+        ray_pass = functools.partial(_ray_sums, inputs, job, state_cpu, retain, progress, placement)
 
     def compute(estimator, p, batches_fn, which, sample: RetainSample | None = None, reference=None):
         from potion.unlearning.importances import compute_importances, importance_sums
@@ -240,12 +244,11 @@ def make_importance_fn(inputs: HealInputs, job: HealJob, state0: dict, deletion:
     return compute
 
 
-def _ray_sums(inputs: HealInputs, job: HealJob, state0: dict, retain: np.ndarray, progress: bool,
+def _ray_sums(inputs: HealInputs, job: HealJob, state_cpu: dict, retain: np.ndarray, progress: bool,
               placement: dict | None, positions: np.ndarray, estimator, p, desc: str):
     """Σ_b G(b) over the batches of ``retain[positions]``, sharded over Ray tasks."""
     from potion.pipeline.ray_importances import sharded_importance_sums
 
-    state_cpu = {k: v.detach().cpu() for k, v in state0.items()}
     return sharded_importance_sums(
         functools.partial(model_at, inputs.spec, state_cpu), inputs.train_view_factory,
         retain[positions], estimator, p, job.importance_batch_size, job.importance_shards or None,
@@ -517,14 +520,12 @@ class _NoTracker:
 def _tracker(uri, job: HealJob, inputs: HealInputs, out: Path):
     if not uri:
         return _NoTracker()
-    from potion.pipeline.tracking import SearchTracker
+    from potion.pipeline.tracking import SearchTracker, default_artifact_root
 
     params = {"run": str(inputs.provenance.get("run")), "method": job.method, "backend": job.backend,
               **_flat("heal", to_dict(job)), **_flat("provenance", inputs.provenance)}
-    # A local sqlite store keeps its artifacts beside the database file.
-    artifact_root = Path(uri[len("sqlite:///"):]).parent / "mlruns" if uri.startswith("sqlite:///") else None
     return SearchTracker(uri, job.experiment, run_name=f"{job.method}:{out.name}", params=params,
-                         artifact_root=artifact_root)
+                         artifact_root=default_artifact_root(uri))
 
 
 def _flat(prefix: str, d: dict) -> dict:
