@@ -36,11 +36,13 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import REPO, data_root, mnist_train_job  # noqa: E402
 
+from potion.config import from_dict  # noqa: E402
 from potion.pipeline.configs import DataConfig, HealJob, ModelConfig, PoisonConfig, TrainJob  # noqa: E402
 from potion.pipeline.heal import run_heal  # noqa: E402
 from potion.pipeline.report import format_table  # noqa: E402
 from potion.pipeline.train import run_train  # noqa: E402
 from potion.training import TrainRecipe  # noqa: E402
+from potion.unlearning.batch_size import MAX_BATCH  # noqa: E402
 from potion.unlearning.ptn import PTNConfig  # noqa: E402
 
 PAPER_METHOD = "xlf_ptn"
@@ -73,11 +75,26 @@ def paper_job(batch_size: int) -> HealJob:
                    importance_batch_size=batch_size, on_no_crossing="keep")
 
 
-def default_job(batch_size: int | None, sample_seed: int) -> HealJob:
-    job = HealJob(cache_dir="none", tracking_uri="none", retain_sample_seed=sample_seed, on_no_crossing="keep")
+def default_job(batch_size: int | None, sample_seed: int, overrides: dict | None = None) -> HealJob:
+    """``potion heal``'s defaults (cache off), with ``--default KEY=VALUE`` overrides for variants."""
+    job = from_dict(HealJob, {"cache_dir": "none", "tracking_uri": "none", "retain_sample_seed": sample_seed,
+                              "on_no_crossing": "keep", **(overrides or {})})
     if batch_size is not None:
         job.importance_batch_size = batch_size
     return job
+
+
+def parse_overrides(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in HealJob.__dataclass_fields__:
+            raise SystemExit(f"--default {item!r}: expected KEY=VALUE with KEY a HealJob field")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def heal_cell(run: Path, job: HealJob, out: Path, share: float) -> dict:
@@ -113,7 +130,7 @@ def _children_cpu() -> float:
 
 
 def run_case(name: str, run: Path, work: Path, shares: list[float], seeds: list[int], batch_size: int | None,
-             none_cli: bool) -> dict:
+             none_cli: bool, overrides: dict | None = None) -> dict:
     rows = []
     if none_cli:
         t_none, c_none = method_none_cli(run, work / "none")
@@ -121,9 +138,12 @@ def run_case(name: str, run: Path, work: Path, shares: list[float], seeds: list[
               flush=True)
     else:
         t_none = None
-    paper_bs = batch_size or HealJob().importance_batch_size
+    paper_bs = batch_size or MAX_BATCH  # SPEC §5's B; the default chooses its own unless --batch-size
+    if str(default_job(None, 0, overrides).retain_sample) in ("1", "1.0", "full"):
+        seeds = seeds[:1]  # the full pass does not depend on the sample seed
     for share in shares:
-        cells = [("paper", paper_job(paper_bs), None)] + [("default", default_job(batch_size, s), s) for s in seeds]
+        cells = [("paper", paper_job(paper_bs), None)] + [("default", default_job(batch_size, s, overrides), s)
+                                                          for s in seeds]
         for proc, job, seed in cells:
             r = heal_cell(run, job, work / f"{proc}-{share:g}-{seed}", share)
             rows.append({"share": f"{share:.0%}", "procedure": proc, "seed": seed, **r})
@@ -179,11 +199,14 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, help="importance batch size of both procedures (default: the job's)")
     ap.add_argument("--no-none", action="store_true", help="skip timing `potion heal --method none`")
     ap.add_argument("--smoke", action="store_true", help="a tiny digits run, one share, one seed (seconds)")
+    ap.add_argument("--default", action="append", default=[], metavar="KEY=VALUE",
+                    help="change one HealJob field of the default heal (a variant), e.g. retain_sample=0.1")
     args = ap.parse_args()
     cases = args.case or (["digits"] if args.smoke else ["mnist", "cifar"])
     shares = [0.5] if args.smoke else [float(s) for s in args.shares.split(",")]
     seeds = [0] if args.smoke else [int(s) for s in args.seeds.split(",")]
     work = Path(args.work)
+    overrides = parse_overrides(args.default)
     print(f"# heal_speed: {platform.platform()}, {os.cpu_count()} cores, python {platform.python_version()}, "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", flush=True)
 
@@ -198,7 +221,8 @@ def main() -> None:
             run_train(job, run, progress=False)
             print(f"trained {run} in {time.perf_counter() - t0:.0f} s", flush=True)
         bs = 64 if case == "digits" else args.batch_size
-        summaries[case] = run_case(case, run, work / case, shares, seeds, bs, none_cli=not args.no_none and not args.smoke)
+        summaries[case] = run_case(case, run, work / case, shares, seeds, bs, none_cli=not args.no_none and not args.smoke,
+                                   overrides=overrides)
 
     worst = {k: min(s[k] for s in summaries.values()) for k in ("speedup", "healed_delta", "damage_delta")}
     print(f"speedup {worst['speedup']:.1f} healed_delta {worst['healed_delta']:+.2f} "

@@ -3,7 +3,7 @@
 I is the mean over K = ⌈|Dr| / B⌉ batches of a function of the batch-mean gradient, so B
 sets how many independent looks at Dr the estimate averages. The rule aims at a number of
 batches K instead of a fixed B; the numbers it rests on are in
-benchmarks/results/batch_size.md.
+benchmarks/results/guard.md ("The importance batch size") and the suites' summaries.
 """
 from __future__ import annotations
 
