@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 
 from potion.errors import PotionError
 from potion.io import atomic_write, atomic_write_text
-from potion.pipeline.benchmark import RESULTS_FILE, read_meta
+from potion.pipeline.benchmark_grid import RESULTS_FILE
+from potion.pipeline.benchmark_results import read_meta
 
 SUMMARY_FILE = "summary.md"
 PLOTS_DIR = "plots"
