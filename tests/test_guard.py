@@ -14,7 +14,6 @@ from potion.pipeline.ray_search import PTNSearcher
 from potion.unlearning.batch_size import auto_batch_size, resolve_batch_size
 from potion.unlearning.guard import (
     GuardConfig,
-    GuardNoSafeStep,
     estimate_poison_share,
     guard_scan,
     guard_search,
@@ -22,6 +21,7 @@ from potion.unlearning.guard import (
 )
 from potion.unlearning.importances import compute_importances
 from searcher_driver import drive
+from toy_backdoor import backdoored_mlp
 from potion.unlearning.methods import HealContext, heal
 from potion.unlearning.ptn import PTNConfig, ProxyBase, StepEvaluator, StepResult, ptn_search
 
@@ -146,24 +146,8 @@ def test_guard_config_rejects_bad_values():
 @pytest.fixture(scope="module")
 def toy():
     """A backdoored MLP (trigger: features 10–11 set to 4, target 0) and a clean proxy."""
-    g = torch.Generator().manual_seed(3)
-    n = 600
-    x = torch.randn(n, 12, generator=g)
-    y = x[:, :3].argmax(1)
-    cand = torch.nonzero(y != 0).flatten()
-    poison = cand[torch.randperm(len(cand), generator=g)[:40]]
-    x[poison, 10:] = 4.0
-    y[poison] = 0
-    torch.manual_seed(3)
-    model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
-                                torch.nn.Linear(16, 3))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    for _ in range(150):
-        idx = torch.randint(0, n, (64,), generator=g)
-        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    model, x, y, poison, g = backdoored_mlp(seed=3, n=600, n_poison=40, iterations=150)
+    n = len(x)
     model.eval()
     forget = poison[:10]
     retain = np.setdiff1d(np.arange(n), forget.numpy())

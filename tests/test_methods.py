@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from potion.errors import PotionError
 from potion.unlearning.dampening import dampen
@@ -17,29 +16,14 @@ from potion.unlearning.methods import (
     heal,
 )
 from potion.unlearning.ptn import PTNConfig, ptn_search
+from toy_backdoor import backdoored_mlp
 
 
 
 @pytest.fixture(scope="module")
 def toy():
-    """A backdoored MLP: features 10–11 set to 4 is the trigger, target class 0."""
-    g = torch.Generator().manual_seed(1)
-    n = 400
-    x = torch.randn(n, 12, generator=g)
-    y = x[:, :3].argmax(1)
-    cand = torch.nonzero(y != 0).flatten()
-    poison = cand[torch.randperm(len(cand), generator=g)[:30]]
-    x[poison, 10:] = 4.0
-    y[poison] = 0
-    torch.manual_seed(1)
-    model = nn.Sequential(nn.Linear(12, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    for _ in range(120):
-        idx = torch.randint(0, n, (64,), generator=g)
-        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    model, x, y, poison, _ = backdoored_mlp(seed=1)
+    n = len(x)
     forget = poison[:8]
     keep = torch.ones(n, dtype=torch.bool)
     keep[forget] = False

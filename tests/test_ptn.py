@@ -6,7 +6,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from potion.errors import PotionError
 from potion.unlearning.dampening import alpha_from_share, dampen, importance_ratios
@@ -21,6 +20,7 @@ from potion.unlearning.ptn import (
     share_at_step,
     smallest_crossing,
 )
+from toy_backdoor import backdoored_mlp
 
 
 
@@ -151,24 +151,8 @@ def test_config_validation():
 
 # -- the real evaluator ----------------------------------------------------------------
 def toy_problem():
-    """A backdoored MLP: features 10–11 set to 4 is the trigger, target class 0."""
-    g = torch.Generator().manual_seed(0)
-    n = 400
-    x = torch.randn(n, 12, generator=g)
-    y = x[:, :3].argmax(1)
-    cand = torch.nonzero(y != 0).flatten()
-    poison = cand[torch.randperm(len(cand), generator=g)[:30]]
-    x[poison, 10:] = 4.0
-    y[poison] = 0
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(12, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    for _ in range(120):
-        idx = torch.randint(0, n, (64,), generator=g)
-        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    model, x, y, poison, _ = backdoored_mlp(seed=0)
+    n = len(x)
     forget = poison[:8]
     keep = torch.ones(n, dtype=torch.bool)
     keep[forget] = False
