@@ -20,6 +20,7 @@ from potion.unlearning.guard import (
     proxy_damage,
 )
 from potion.unlearning.importances import compute_importances
+from potion.unlearning.proxy_split import penultimate_features, poison_like
 from searcher_driver import drive
 from toy_backdoor import backdoored_mlp
 from potion.unlearning.methods import HealContext, heal
@@ -93,12 +94,13 @@ def test_healed_undiscovered_poison_is_not_counted_as_damage_but_clean_target_lo
     a = [1.0, 0.6, 0.4, 0.1, 0.0, 0.0]
     target = [1.0, 0.96, 0.94, 0.91, 0.9, 0.6]
     steps = curve(a, [1.0] * 6, target)
-    cfg = GuardConfig(ahead=2)
+    cfg = GuardConfig(ahead=2, poison_cap=0.3)  # the opt-in û discount (off by default)
+    assert estimate_poison_share(steps, BASE, 1.0, GuardConfig(ahead=2)) == 0.0
     u = estimate_poison_share(steps, BASE, 1.0, cfg)
     assert u == pytest.approx(0.1)  # min over k with Sf healed ≥ 50 %: (0.06/0.6, 0.09/0.9, 0.1/1, 0.4/1)
     assert proxy_damage(steps[3], BASE, 1.0, u) == pytest.approx(0.0)
     assert proxy_damage(steps[5], BASE, 1.0, u) == pytest.approx(-100 * 0.1 * 0.3)
-    d = scan(steps, ahead=2, max_damage=1.0)
+    d = scan(steps, ahead=2, max_damage=1.0, poison_cap=0.3)
     assert d.k_paper == 3 and d.choice.k == 4  # k = 5 lost 30 % of the clean target class: refused
     # without the correction the same healing would read as −1 point at k = 3
     assert proxy_damage(steps[3], BASE, 1.0, 0.0) == pytest.approx(-0.9)
@@ -154,7 +156,7 @@ def toy():
     proxy = draw_proxy(retain, 300, 0)
     xt = torch.randn(2000, 12, generator=g)  # a clean test set, to score what the proxy stands for
     theta0 = {k: v.clone() for k, v in model.state_dict().items()}
-    return dict(model=model, theta0=theta0, fb=[(x[forget], y[forget])],
+    return dict(model=model, theta0=theta0, fb=[(x[forget], y[forget])], poison=poison.numpy(),
                 rb=[(x[retain][i:i + 64], y[retain][i:i + 64]) for i in range(0, len(retain), 64)],
                 pb=[(x[proxy], y[proxy])], test=(xt, xt[:, :3].argmax(1)), forget=forget.numpy(), proxy=proxy)
 
@@ -171,9 +173,9 @@ def test_proxy_is_a_seeded_slice_of_the_retain_set_only():
 
 
 def test_on_a_real_model_healed_proxy_poison_is_not_read_as_damage(toy):
-    """The proxy (a slice of Dr) holds undiscovered poison under the target label. Healing
-    it drops the raw proxy accuracy by ~2.7 points while the real clean accuracy does not
-    move; the guard's corrected estimate sees that and keeps the paper's k*."""
+    """The proxy (a slice of Dr) holds undiscovered poison under the target label. θ0's
+    features place it with the found poison, so it is left out of the proxy: its healing is
+    not read as damage and the guard keeps the paper's k*, which costs no real accuracy."""
     m = toy["model"]
     imp_f = compute_importances(m, toy["fb"], "xlf")
     imp_r = compute_importances(m, toy["rb"], "xlf")
@@ -188,17 +190,19 @@ def test_on_a_real_model_healed_proxy_poison_is_not_read_as_damage(toy):
     ev = StepEvaluator(m, toy["theta0"], imp_f, imp_r, toy["fb"], 10, 600, cfg, proxy_batches=toy["pb"])
     paper = ptn_search(ev, cfg)
     got = guard_search(ev, cfg, GuardConfig(max_damage=1.0))
-    at_k = {r.k: r for r in got.trace}[paper.k_star]
-    raw = proxy_damage(at_k, ev.proxy_base, ev.acc0, 0.0)
-    assert raw < -2, "the proxy's own poison must make the raw reading look like damage"
+    # the split: which target-labelled proxy images θ0 places with Sf, against the truth
+    m.load_state_dict(toy["theta0"])
+    xp, yp = toy["pb"][0]
+    is_t = (yp == 0).numpy()
+    truth = np.isin(toy["proxy"], toy["poison"])[is_t]
+    like = poison_like(penultimate_features(m, [xp[is_t]]), penultimate_features(m, [toy["fb"][0][0]])).numpy()
+    assert truth.sum() >= 3 and (like & truth).sum() >= 0.8 * truth.sum() and (like & ~truth).sum() <= 0.1 * (~truth).sum()
+    assert ev.proxy_base.n_excluded == like.sum()
     assert got.k_star == paper.k_star and got.guard["status"] == "k_star"
     assert got.guard["damage"][str(got.k_star)] >= -1.0
-    assert 0 < got.guard["poison_share"] <= 0.3
     assert 100 * (test_acc(got.state_dict) - test_acc(toy["theta0"])) > -1.0  # what the estimate stood for
-    # δ = 0: k* (+0.67) still passes, a stricter reading would not: a partial heal below it
-    strict = guard_search(ev, cfg, GuardConfig(max_damage=0.0, poison_cap=0.0))
-    assert strict.k_star < paper.k_star and strict.guard["status"] == "partial"
-    assert strict.guard["damage"][str(strict.k_star)] >= 0.0
+    # with the poison left out, the healing at k* reads as no loss at all
+    assert got.guard["damage"][str(got.k_star)] >= 0.0
 
 
 def test_xlf_ptn_guard_method_needs_a_proxy_and_records_why(toy):
@@ -210,7 +214,7 @@ def test_xlf_ptn_guard_method_needs_a_proxy_and_records_why(toy):
     res = heal("xlf_ptn_guard", ctx)
     g = res.info["guard"]
     assert {"reason", "max_damage", "proxy0", "k_paper", "damage", "status"} <= set(g)
-    assert g["proxy0"]["n"] == 300 and g["damage"][str(res.info["k_star"])] >= -g["max_damage"]
+    assert g["proxy0"]["n"] + g["proxy0"]["n_excluded"] == 300 and g["damage"][str(res.info["k_star"])] >= -g["max_damage"]
 
 
 def test_auto_batch_size_and_an_explicit_one_wins():

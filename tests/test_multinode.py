@@ -53,9 +53,10 @@ def cluster():
 
 
 
-def slowed_trial(inner, started: Path, victim: str | None, pause: float = 0.3):
+def slowed_trial(inner, started: Path, victim: str | None, pause: float = 1.0):
     """The real trial, made slow enough that the window's trials overlap in time (a
-    digits step takes milliseconds: one reused actor would otherwise run them all)."""
+    digits step takes milliseconds: one reused actor would otherwise run them all). 0.3 s
+    was too short on a loaded machine: every trial landed on one node (CI, 2026-11-29)."""
     import ray
 
     def trial(config, payload):

@@ -4,17 +4,17 @@ damaged by more than δ.
 Beyond the paper (SPEC §8 reads only the deletion set Sf). Every evaluated step also
 measures accuracy on a clean *proxy*: a seeded slice of the retain set Dr (never the test
 split, never Sf). Dr still holds the poison the owner did not find, under the target label;
-once healed it reads as "damage" on the target class. So the proxy is split by label:
+once healed it would read as "damage" on the target class. The evaluator therefore leaves
+out the target-labelled proxy images that θ0's features place with the found poison
+(:mod:`potion.unlearning.proxy_split`), and the damage is the accuracy drop on the rest,
+weighted as the proxy is: samples whose label is not a target label (the labels of Sf) and
+the clean-looking target-labelled ones.
 
-- samples whose label is not a target label (the labels of Sf) hold no poison: their drop is
-  damage, as measured;
-- target-labelled samples hold the undiscovered poison. Their drop is discounted by the part
-  explained by healing: û · F_k, where F_k = 1 − a_k / acc0 is how far Sf has healed at step
-  k (the undiscovered poison carries the same trigger and heals with it) and û, the poison
-  share of the target-labelled proxy, is estimated from the scan itself as the smallest
-  drop_t(k) / F_k over the steps with F_k ≥ ``heal_min``. Taking the smallest ratio errs on
-  the side of seeing damage (û can only shrink as more steps are seen), and ``poison_cap``
-  bounds how much target-class drop can ever be explained away.
+An earlier estimator is kept behind ``poison_cap`` (0 = off, the default): it discounted the
+target-labelled drop by û · F_k, with F_k = 1 − a_k / acc0 and û the smallest
+drop_t(k) / F_k over steps with F_k ≥ ``heal_min``. Measured on cifar10-cpu it hid up to
+3.4 points of real damage where damage and healing start at the same step (badnet, 100 %
+discovery: proxy −0.74, test −4.12), which is why it is off (benchmarks/results/guard.md).
 
 The selection is a pure function of the scanned steps (:func:`guard_scan`), so the local loop
 (:func:`guard_search`) and the Ray Tune searcher call the same code and make the same choice:
@@ -53,7 +53,8 @@ class GuardConfig:
     # stop the scan after this many consecutive steps over δ (further dampening only adds damage)
     patience: int = 10
     heal_min: float = 0.5
-    poison_cap: float = 0.3
+    # the û discount's upper bound; 0 turns it off (see the module docstring)
+    poison_cap: float = 0.0
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.max_damage) and self.max_damage >= 0):

@@ -20,6 +20,7 @@ from potion.errors import PotionError
 from potion.metrics import fast_inference
 from potion.progress import progress_bar
 from potion.unlearning.dampening import RatioQuantiles, dampen, importance_ratios, percentile_for_share
+from potion.unlearning.proxy_split import penultimate_features, poison_like
 
 Tensor = torch.Tensor
 STRATEGIES = ("linear", "waves", "bisect", "bracket")
@@ -84,6 +85,8 @@ class ProxyBase:
     acc_other: float | None
     n: int
     n_target: int
+    # target-labelled proxy images that look like the found poison (proxy_split): left out
+    n_excluded: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -183,7 +186,8 @@ class StepEvaluator:
     ``val_batches`` (optional) is a sequence of (x, y) batches or a callable returning
     an iterable of them; it is re-read for every step. ``proxy_batches`` (optional, the
     damage guard's clean slice of Dr) is measured at every step as a whole and split into
-    its target-labelled part (labels that occur in Sf) and the rest.
+    its target-labelled part (labels that occur in Sf) and the rest; target-labelled images
+    that θ0 sees like the found poison (:mod:`potion.unlearning.proxy_split`) are left out.
     """
 
     def __init__(
@@ -228,6 +232,7 @@ class StepEvaluator:
         # Sf carries the poisoned labels: they name the target class(es) without ground truth
         self.target_labels = torch.unique(torch.cat([y.reshape(-1) for _, y in self.forget_batches]))
         self._proxy_base = None
+        self._proxy_keep: list[Tensor] | None = None
 
     # -- the maths of one step ------------------------------------------------------
     def share(self, k: int) -> float:
@@ -270,21 +275,49 @@ class StepEvaluator:
         batches = self.val_batches() if callable(self.val_batches) else self.val_batches
         return self._accuracy(batches)
 
+    def _split_proxy(self) -> None:
+        """Once, at θ0: which proxy images count (all but the poison-like target-labelled ones)."""
+        if self._proxy_keep is not None:
+            return
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.load_state_dict(self.state0)
+        self.model.eval()
+        targets = self.target_labels.to(self.device)
+        try:
+            forget = penultimate_features(self.model, (x for x, _ in self.forget_batches))
+            is_t = [torch.isin(y, targets) for _, y in self.proxy_batches]
+            feats = penultimate_features(self.model, (x[t] for (x, _), t in zip(self.proxy_batches, is_t) if t.any()))
+        finally:
+            for m, mode in modes:
+                m.training = mode
+        like = poison_like(feats, forget).to(self.device)
+        keep, at = [], 0
+        for t in is_t:
+            k = torch.ones_like(t)
+            n_t = int(t.sum())
+            k[t] = ~like[at:at + n_t]
+            at += n_t
+            keep.append(k)
+        self._proxy_keep = keep
+
     def _proxy_counts(self) -> tuple[int, int, int, int]:
-        """(correct on target-labelled, target-labelled, correct on the rest, rest)."""
+        """(correct on target-labelled, target-labelled, correct on the rest, rest), over the
+        proxy images that count."""
         modes = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
         ct = nt = co = no = 0
         targets = self.target_labels.to(self.device)
         try:
             with torch.no_grad():
-                for x, y in self.proxy_batches:
+                for (x, y), keep in zip(self.proxy_batches, self._proxy_keep):
                     hit = self.model(x).argmax(dim=1) == y
                     is_t = torch.isin(y, targets)
+                    is_o = ~is_t
+                    is_t &= keep
                     ct += int((hit & is_t).sum())
                     nt += int(is_t.sum())
-                    co += int((hit & ~is_t).sum())
-                    no += int((~is_t).sum())
+                    co += int((hit & is_o).sum())
+                    no += int(is_o.sum())
         finally:
             for m, mode in modes:
                 m.training = mode
@@ -301,11 +334,13 @@ class StepEvaluator:
         if self.proxy_batches is None:
             return None
         if self._proxy_base is None:
+            self._split_proxy()
             self.model.load_state_dict(self.state0)
             counts = self._proxy_counts()
             acc, acc_t, acc_o = self._proxy_accs(counts)
+            excluded = sum(int((~k).sum()) for k in self._proxy_keep)
             self._proxy_base = ProxyBase(acc=acc, acc_target=acc_t, acc_other=acc_o,
-                                         n=counts[1] + counts[3], n_target=counts[1])
+                                         n=counts[1] + counts[3], n_target=counts[1], n_excluded=excluded)
         return self._proxy_base
 
     @property
@@ -324,6 +359,8 @@ class StepEvaluator:
         return result.acc_forget <= self.threshold
 
     def evaluate(self, k: int) -> StepResult:
+        if self.proxy_batches is not None:
+            self._split_proxy()  # at θ0, before θ_k is loaded
         state, alpha, n_sel = self._dampened(k)
         self.model.load_state_dict(state)
         del state
