@@ -237,7 +237,7 @@ def test_guarded_default_with_the_automatic_batch_size(run_dir, tmp_path, capsys
     rep = json.loads((out / "report.json").read_text())
     assert rep["method"] == "xlf_ptn_guard" and rep["importance_batch_size"]["auto"] is True
     g, proxy = rep["info"]["guard"], rep["proxy"]
-    assert proxy["size"] == g["proxy0"]["n"] and proxy["seed"] == 0 and len(proxy["indices_sha256"]) == 64
+    assert proxy["size"] == g["proxy0"]["n"] + g["proxy0"]["n_excluded"] and proxy["seed"] == 0 and len(proxy["indices_sha256"]) == 64
     assert g["damage"][str(rep["k_star"])] >= -g["max_damage"] and g["reason"]
     assert rep["after"]["poison_healed"] > rep["before_poison_healed"] + 30  # it heals
     # the proxy is the seeded slice of Dr: no deletion-set index, and the test split is another source

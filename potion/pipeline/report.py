@@ -61,5 +61,6 @@ def guard_lines(report: dict) -> str:
     k = report.get("k_star")
     dmg = (g.get("damage") or {}).get(str(k))
     return (f"\ndamage guard: δ={fmt(g.get('max_damage'))} points on a clean proxy of {proxy.get('size', p0.get('n'))} "
-            f"retain images (θ0: {fmt(p0.get('acc'))}); chosen k={k} (proxy damage {fmt(dmg)}), paper's "
+            f"retain images, {p0.get('n_excluded', 0)} of them left out as poison-like (θ0: {fmt(p0.get('acc'))}); "
+            f"chosen k={k} (proxy damage {fmt(dmg)}), paper's "
             f"k*={g.get('k_paper')}\n  why: {g.get('reason')}")
