@@ -246,3 +246,14 @@ def test_mlflow_and_the_plot_show_the_proxy_delta_and_why(tmp_path):
     assert "keeps the proxy within δ" in run.data.tags["guard_reason"]
     hist = MlflowClient(tracking_uri=uri).get_metric_history(run_id, "curve/proxy_damage")
     assert sorted(m.step for m in hist) == [0, 1, 2, 3]
+
+
+def test_the_proxy_split_needs_no_target_labelled_image_and_no_linear_layer():
+    conv = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.Flatten())  # no nn.Linear: logits are used
+    x = torch.randn(4, 1, 5, 5)
+    assert penultimate_features(conv, [x]).shape == (4, 27)
+    assert penultimate_features(conv, []).numel() == 0
+    assert poison_like(torch.zeros(0, 0), torch.randn(2, 27)).numel() == 0
+    # two clusters: the one that sits with the found poison is left out, the other kept
+    clean, trig = torch.tensor([[1.0, 0.0]]).repeat(5, 1), torch.tensor([[0.0, 1.0]]).repeat(2, 1)
+    assert poison_like(torch.cat([clean, trig]), trig[:1]).tolist() == [False] * 5 + [True] * 2

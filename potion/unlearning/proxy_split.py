@@ -33,7 +33,8 @@ def penultimate_features(model: nn.Module, batches: Iterable[Tensor]) -> Tensor:
     finally:
         if hook is not None:
             hook.remove()
-    return torch.cat(seen if linears else outs).float()
+    got = seen if linears else outs
+    return torch.cat(got).float() if got else torch.zeros(0, 0)
 
 
 def poison_like(target_features: Tensor, forget_features: Tensor) -> Tensor:
