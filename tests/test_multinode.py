@@ -53,10 +53,11 @@ def cluster():
 
 
 
-def slowed_trial(inner, started: Path, victim: str | None, pause: float = 1.0):
+def slowed_trial(inner, started: Path, victim: str | None, pause: float = 2.0):
     """The real trial, made slow enough that the window's trials overlap in time (a
     digits step takes milliseconds: one reused actor would otherwise run them all). 0.3 s
-    was too short on a loaded machine: every trial landed on one node (CI, 2026-11-29)."""
+    was too short on a loaded machine (every trial landed on one node), and 1 s left the
+    third node idle in the node-loss run (CI runs beside two benchmark suites, 2026-11-29)."""
     import ray
 
     def trial(config, payload):
