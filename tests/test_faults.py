@@ -163,27 +163,11 @@ class KillOnce:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _digits_problem():
-    from potion.datasets import draw_deletion_set, load_dataset, make_manifest, make_trigger, train_view
-    from potion.models import create_model
-    from potion.training import TrainRecipe, train_model
-
-    torch.manual_seed(0)
-    splits = load_dataset("digits")
-    trig = make_trigger("badnet")
-    manifest = make_manifest(splits.train.labels, 100, 0, trig, 0)
-    view = train_view(splits, manifest, trig)
-    kwargs = dict(num_classes=10, in_channels=1, image_size=view.image_shape[1], width=0.125)
-    model = train_model(create_model("resnet9", **kwargs), view,
-                        TrainRecipe(iterations=80, batch_size=64, lr=0.05, amp=False, seed=0), progress=False)
-    deletion = draw_deletion_set(manifest, share=0.5, seed=0)
-    retain = np.setdiff1d(np.arange(len(view)), deletion)
-    return model, kwargs, view, deletion, retain
-
-
 @pytest.fixture(scope="module")
 def problem():
-    return _digits_problem()
+    from toy_backdoor import digits_resnet
+
+    return digits_resnet(iterations=80)
 
 
 def _payload_and_local(problem, marker: Path | None):

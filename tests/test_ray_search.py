@@ -23,6 +23,7 @@ from potion.pipeline.ray_search import (
 )
 from potion.unlearning.ptn import PTNConfig, PTNNoCrossing, StepEvaluator, StepResult, ptn_search
 from searcher_driver import acc_result, drive
+from toy_backdoor import digits_resnet
 
 FINISHED = PTNSearcher.FINISHED
 
@@ -156,22 +157,10 @@ def ray_local():
 def problem():
     """A ResNet-9 (width 1/8) trained 100 steps on digits with 100 BadNet samples;
     XLF importances on half of them (Sf) and the rest of D (Dr)."""
-    from potion.datasets import draw_deletion_set, load_dataset, make_manifest, make_trigger, train_view
     from potion.models import create_model
-    from potion.training import TrainRecipe, train_model
     from potion.unlearning.importances import compute_importances
 
-    torch.manual_seed(0)
-    splits = load_dataset("digits")
-    trig = make_trigger("badnet")
-    manifest = make_manifest(splits.train.labels, 100, 0, trig, 0)
-    view = train_view(splits, manifest, trig)
-    kwargs = dict(num_classes=10, in_channels=1, image_size=view.image_shape[1], width=0.125)
-    model = create_model("resnet9", **kwargs)
-    model = train_model(model, view, TrainRecipe(iterations=100, batch_size=64, lr=0.05, amp=False, seed=0),
-                        progress=False)
-    deletion = draw_deletion_set(manifest, share=0.5, seed=0)
-    retain = np.setdiff1d(np.arange(len(view)), deletion)
+    model, kwargs, view, deletion, retain = digits_resnet(iterations=100)
     forget = list(view.subset(deletion).batches(32))
     val = list(view.subset(retain[:200]).batches(100))
     state0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
