@@ -44,6 +44,7 @@ from potion.pipeline.train import run_train  # noqa: E402
 from potion.training import TrainRecipe  # noqa: E402
 from potion.unlearning.batch_size import MAX_BATCH  # noqa: E402
 from potion.unlearning.ptn import PTNConfig  # noqa: E402
+from potion.unlearning.sampling import parse_retain_sample  # noqa: E402
 
 PAPER_METHOD = "xlf_ptn"
 
@@ -139,7 +140,7 @@ def run_case(name: str, run: Path, work: Path, shares: list[float], seeds: list[
     else:
         t_none = None
     paper_bs = batch_size or MAX_BATCH  # SPEC §5's B; the default chooses its own unless --batch-size
-    if str(default_job(None, 0, overrides).retain_sample) in ("1", "1.0", "full"):
+    if parse_retain_sample(default_job(None, 0, overrides).retain_sample).is_full:
         seeds = seeds[:1]  # the full pass does not depend on the sample seed
     for share in shares:
         cells = [("paper", paper_job(paper_bs), None)] + [("default", default_job(batch_size, s, overrides), s)

@@ -25,16 +25,16 @@ def penultimate_features(model: nn.Module, batches: Iterable[Tensor]) -> Tensor:
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     seen: list[Tensor] = []
     hook = linears[-1].register_forward_hook(lambda m, i, o: seen.append(i[0].detach().flatten(1))) if linears else None
-    outs = []
     try:
         with torch.no_grad():
             for x in batches:
-                outs.append(model(x).detach().flatten(1))
+                out = model(x)
+                if hook is None:
+                    seen.append(out.detach().flatten(1))
     finally:
         if hook is not None:
             hook.remove()
-    got = seen if linears else outs
-    return torch.cat(got).float() if got else torch.zeros(0, 0)
+    return torch.cat(seen).float() if seen else torch.zeros(0, 0)
 
 
 def poison_like(target_features: Tensor, forget_features: Tensor) -> Tensor:

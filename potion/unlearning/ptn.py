@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
@@ -232,7 +233,8 @@ class StepEvaluator:
         # Sf carries the poisoned labels: they name the target class(es) without ground truth
         self.target_labels = torch.unique(torch.cat([y.reshape(-1) for _, y in self.forget_batches]))
         self._proxy_base = None
-        self._proxy_keep: list[Tensor] | None = None
+        self._proxy_masks: list[tuple[Tensor, Tensor]] | None = None
+        self._proxy_excluded = 0
 
     # -- the maths of one step ------------------------------------------------------
     def share(self, k: int) -> float:
@@ -250,21 +252,26 @@ class StepEvaluator:
         return self._dampened(k)[0]
 
     # -- measuring ------------------------------------------------------------------
-    def _accuracy(self, batches: Iterable) -> float:
+    @contextmanager
+    def _eval_mode(self):
+        """The model in eval mode, every module's own mode restored afterwards."""
         modes = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
-        correct = total = 0
         try:
-            with torch.no_grad(), fast_inference(self.device, self.fast):
-                for batch in batches:
-                    x, y = batch[0].to(self.device), batch[1].to(self.device)
-                    if self.fast and x.dim() == 4:
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    correct += int((self.model(x).argmax(dim=1) == y).sum())
-                    total += int(y.shape[0])
+            yield
         finally:
             for m, mode in modes:
                 m.training = mode
+
+    def _accuracy(self, batches: Iterable) -> float:
+        correct = total = 0
+        with self._eval_mode(), torch.no_grad(), fast_inference(self.device, self.fast):
+            for batch in batches:
+                x, y = batch[0].to(self.device), batch[1].to(self.device)
+                if self.fast and x.dim() == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                correct += int((self.model(x).argmax(dim=1) == y).sum())
+                total += int(y.shape[0])
         if total == 0:
             raise PotionError("cannot measure accuracy on an empty set of batches")
         return correct / total
@@ -277,50 +284,35 @@ class StepEvaluator:
 
     def _split_proxy(self) -> None:
         """Once, at θ0: which proxy images count (all but the poison-like target-labelled ones)."""
-        if self._proxy_keep is not None:
+        if self._proxy_masks is not None:
             return
-        modes = [(m, m.training) for m in self.model.modules()]
         self.model.load_state_dict(self.state0)
-        self.model.eval()
-        targets = self.target_labels.to(self.device)
-        try:
+        is_t = [torch.isin(y, self.target_labels.to(self.device)) for _, y in self.proxy_batches]
+        with self._eval_mode():
             forget = penultimate_features(self.model, (x for x, _ in self.forget_batches))
-            is_t = [torch.isin(y, targets) for _, y in self.proxy_batches]
             feats = penultimate_features(self.model, (x[t] for (x, _), t in zip(self.proxy_batches, is_t) if t.any()))
-        finally:
-            for m, mode in modes:
-                m.training = mode
         like = poison_like(feats, forget).to(self.device)
-        keep, at = [], 0
-        for t in is_t:
-            k = torch.ones_like(t)
+        masks, at = [], 0
+        for t in is_t:  # (target-labelled and counted, the rest) per batch, for every step
+            counted = t.clone()
             n_t = int(t.sum())
-            k[t] = ~like[at:at + n_t]
+            counted[t] = ~like[at:at + n_t]
             at += n_t
-            keep.append(k)
-        self._proxy_keep = keep
+            masks.append((counted, ~t))
+        self._proxy_masks = masks
+        self._proxy_excluded = int(like.sum())
 
     def _proxy_counts(self) -> tuple[int, int, int, int]:
         """(correct on target-labelled, target-labelled, correct on the rest, rest), over the
         proxy images that count."""
-        modes = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
         ct = nt = co = no = 0
-        targets = self.target_labels.to(self.device)
-        try:
-            with torch.no_grad():
-                for (x, y), keep in zip(self.proxy_batches, self._proxy_keep):
-                    hit = self.model(x).argmax(dim=1) == y
-                    is_t = torch.isin(y, targets)
-                    is_o = ~is_t
-                    is_t &= keep
-                    ct += int((hit & is_t).sum())
-                    nt += int(is_t.sum())
-                    co += int((hit & is_o).sum())
-                    no += int(is_o.sum())
-        finally:
-            for m, mode in modes:
-                m.training = mode
+        with self._eval_mode(), torch.no_grad():
+            for (x, y), (is_t, is_o) in zip(self.proxy_batches, self._proxy_masks):
+                hit = self.model(x).argmax(dim=1) == y
+                ct += int((hit & is_t).sum())
+                nt += int(is_t.sum())
+                co += int((hit & is_o).sum())
+                no += int(is_o.sum())
         return ct, nt, co, no
 
     @staticmethod
@@ -338,9 +330,9 @@ class StepEvaluator:
             self.model.load_state_dict(self.state0)
             counts = self._proxy_counts()
             acc, acc_t, acc_o = self._proxy_accs(counts)
-            excluded = sum(int((~k).sum()) for k in self._proxy_keep)
             self._proxy_base = ProxyBase(acc=acc, acc_target=acc_t, acc_other=acc_o,
-                                         n=counts[1] + counts[3], n_target=counts[1], n_excluded=excluded)
+                                         n=counts[1] + counts[3], n_target=counts[1],
+                                         n_excluded=self._proxy_excluded)
         return self._proxy_base
 
     @property
