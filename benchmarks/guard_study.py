@@ -25,7 +25,7 @@ from potion.datasets import draw_deletion_set
 from potion.metrics import model_damage, poison_healed
 from potion.pipeline.heal import draw_proxy
 from potion.pipeline.runs import load_run
-from potion.unlearning.guard import GuardConfig, guard_scan
+from potion.unlearning.guard import GuardConfig, guard_choose
 from potion.unlearning.importances import compute_importances
 from potion.unlearning.ptn import PTNConfig, StepEvaluator
 
@@ -103,8 +103,10 @@ def main() -> None:
             picks = {}
             for d in [float(x) for x in args.deltas.split(",")]:
                 for ahead in (0, 5, 10):
-                    dec = guard_scan(steps, threshold=thr, acc0=acc0, base=base,
-                                     cfg=GuardConfig(max_damage=d, ahead=ahead), max_steps=hi)
+                    kp = next((r.k for r in steps if r.acc_forget <= thr), None)
+                    dec, _ = guard_choose(steps if kp is None else steps[:kp + 1], kp, lambda k: steps[k],
+                                          threshold=thr, acc0=acc0, base=base,
+                                          cfg=GuardConfig(max_damage=d, ahead=ahead), max_steps=hi)
                     row = next((r for r in rows if dec.choice is not None and r["k"] == dec.choice.k), None)
                     picks[f"delta={d:g},ahead={ahead}"] = {
                         "k": None if dec.choice is None else dec.choice.k, "status": dec.status,

@@ -8,7 +8,8 @@
 paper   = xlf_ptn with the full retain pass (``retain_sample=1.0``), the linear search, no
           importance cache, θ0's metrics measured again, evaluation at batch 512, fp32.
 default = ``HealJob()`` as ``potion heal`` runs it, only with the cache off (``cache_dir=none``)
-          so that no pass is reused.
+          so that no pass is reused. ``--variant NAME:KEY=VALUE`` heals with the default
+          changed so as well, in the same run (e.g. ``s10:retain_sample=0.1``).
 
 For every discovery share the deletion set is drawn once (seed 0) and healed once with the
 paper's procedure and once per retain-sample seed with the default. Every heal is timed
@@ -131,7 +132,7 @@ def _children_cpu() -> float:
 
 
 def run_case(name: str, run: Path, work: Path, shares: list[float], seeds: list[int], batch_size: int | None,
-             none_cli: bool, overrides: dict | None = None) -> dict:
+             none_cli: bool, overrides: dict | None = None, variants: dict[str, dict] | None = None) -> dict:
     rows = []
     if none_cli:
         t_none, c_none = method_none_cli(run, work / "none")
@@ -140,11 +141,15 @@ def run_case(name: str, run: Path, work: Path, shares: list[float], seeds: list[
     else:
         t_none = None
     paper_bs = batch_size or MAX_BATCH  # SPEC §5's B; the default chooses its own unless --batch-size
-    if parse_retain_sample(default_job(None, 0, overrides).retain_sample).is_full:
-        seeds = seeds[:1]  # the full pass does not depend on the sample seed
+    procs = {"default": overrides or {}, **(variants or {})}
+
+    def proc_seeds(ov: dict) -> list[int]:
+        # the full pass does not depend on the sample seed
+        return seeds[:1] if parse_retain_sample(default_job(None, 0, ov).retain_sample).is_full else seeds
+
     for share in shares:
-        cells = [("paper", paper_job(paper_bs), None)] + [("default", default_job(batch_size, s, overrides), s)
-                                                          for s in seeds]
+        cells = [("paper", paper_job(paper_bs), None)] + [(proc, default_job(batch_size, s, ov), s)
+                                                          for proc, ov in procs.items() for s in proc_seeds(ov)]
         for proc, job, seed in cells:
             r = heal_cell(run, job, work / f"{proc}-{share:g}-{seed}", share)
             rows.append({"share": f"{share:.0%}", "procedure": proc, "seed": seed, **r})
@@ -155,23 +160,32 @@ def run_case(name: str, run: Path, work: Path, shares: list[float], seeds: list[
     print(f"\n## case {name}\n")
     print(format_table(rows, cols))
 
-    # Paired per share: the default's mean over seeds against the paper's cell of that share.
+    # Paired per share: each procedure's mean over seeds against the paper's cell of that share.
     per_share = []
     for share in shares:
         lab = f"{share:.0%}"
         paper = [r for r in rows if r["share"] == lab and r["procedure"] == "paper"][0]
-        dflt = [r for r in rows if r["share"] == lab and r["procedure"] == "default"]
-        per_share.append({"share": lab, "paper_s": paper["wall_s"],
-                          "default_s": statistics.mean(r["wall_s"] for r in dflt),
-                          "paper_cpu_s": paper["cpu_s"], "default_cpu_s": statistics.mean(r["cpu_s"] for r in dflt),
-                          "healed_delta": statistics.mean(r["healed"] for r in dflt) - paper["healed"],
-                          "damage_delta": statistics.mean(r["damage"] for r in dflt) - paper["damage"]})
+        for proc in procs:
+            dflt = [r for r in rows if r["share"] == lab and r["procedure"] == proc]
+            per_share.append({"share": lab, "procedure": proc, "paper_s": paper["wall_s"],
+                              "default_s": statistics.mean(r["wall_s"] for r in dflt),
+                              "paper_cpu_s": paper["cpu_s"],
+                              "default_cpu_s": statistics.mean(r["cpu_s"] for r in dflt),
+                              "healed_delta": statistics.mean(r["healed"] for r in dflt) - paper["healed"],
+                              "damage_delta": statistics.mean(r["damage"] for r in dflt) - paper["damage"]})
     for p in per_share:
         p["speedup"] = p["paper_s"] / p["default_s"]
         p["cpu_speedup"] = p["paper_cpu_s"] / p["default_cpu_s"]
     print()
-    print(format_table(per_share, ["share", "paper_s", "default_s", "speedup", "paper_cpu_s", "default_cpu_s",
-                                   "cpu_speedup", "healed_delta", "damage_delta"]))
+    print(format_table(per_share, ["share", "procedure", "paper_s", "default_s", "speedup", "paper_cpu_s",
+                                   "default_cpu_s", "cpu_speedup", "healed_delta", "damage_delta"]))
+    for proc in list(variants or {}):
+        mine = [p for p in per_share if p["procedure"] == proc]
+        print(f"case {name} variant {proc}: speedup "
+              f"{sum(p['paper_s'] for p in mine) / sum(p['default_s'] for p in mine):.1f} healed_delta "
+              f"{statistics.mean(p['healed_delta'] for p in mine):+.2f} damage_delta "
+              f"{statistics.mean(p['damage_delta'] for p in mine):+.2f}", flush=True)
+    per_share_all, per_share = per_share, [p for p in per_share if p["procedure"] == "default"]
     summary = {
         "speedup": sum(p["paper_s"] for p in per_share) / sum(p["default_s"] for p in per_share),
         "healed_delta": statistics.mean(p["healed_delta"] for p in per_share),
@@ -183,7 +197,7 @@ def run_case(name: str, run: Path, work: Path, shares: list[float], seeds: list[
     print(f"\ncase {name}: speedup {summary['speedup']:.1f} healed_delta {summary['healed_delta']:+.2f} "
           f"damage_delta {summary['damage_delta']:+.2f} cpu_speedup {summary['cpu_speedup']:.1f}"
           + (f" method_none_s {t_none:.1f}" if t_none is not None else ""), flush=True)
-    (work / "results.json").write_text(json.dumps({"rows": rows, "per_share": per_share, "summary": summary},
+    (work / "results.json").write_text(json.dumps({"rows": rows, "per_share": per_share_all, "summary": summary},
                                                   indent=2, default=str))
     return summary
 
@@ -201,13 +215,21 @@ def main() -> None:
     ap.add_argument("--no-none", action="store_true", help="skip timing `potion heal --method none`")
     ap.add_argument("--smoke", action="store_true", help="a tiny digits run, one share, one seed (seconds)")
     ap.add_argument("--default", action="append", default=[], metavar="KEY=VALUE",
-                    help="change one HealJob field of the default heal (a variant), e.g. retain_sample=0.1")
+                    help="change one HealJob field of the default heal, e.g. retain_sample=0.1")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+                    help="also heal with the default changed so, in the same run, e.g. s10:retain_sample=0.1")
     args = ap.parse_args()
     cases = args.case or (["digits"] if args.smoke else ["mnist", "cifar"])
     shares = [0.5] if args.smoke else [float(s) for s in args.shares.split(",")]
     seeds = [0] if args.smoke else [int(s) for s in args.seeds.split(",")]
     work = Path(args.work)
     overrides = parse_overrides(args.default)
+    variants = {}
+    for v in args.variant:
+        name, sep, items = v.partition(":")
+        if not sep or not name or name in ("paper", "default"):
+            raise SystemExit(f"--variant {v!r}: expected NAME:KEY=VALUE[,KEY=VALUE] (NAME not paper/default)")
+        variants[name] = {**overrides, **parse_overrides(items.split(","))}
     print(f"# heal_speed: {platform.platform()}, {os.cpu_count()} cores, python {platform.python_version()}, "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", flush=True)
 
@@ -223,7 +245,7 @@ def main() -> None:
             print(f"trained {run} in {time.perf_counter() - t0:.0f} s", flush=True)
         bs = 64 if case == "digits" else args.batch_size
         summaries[case] = run_case(case, run, work / case, shares, seeds, bs, none_cli=not args.no_none and not args.smoke,
-                                   overrides=overrides)
+                                   overrides=overrides, variants=variants)
 
     worst = {k: min(s[k] for s in summaries.values()) for k in ("speedup", "healed_delta", "damage_delta")}
     print(f"speedup {worst['speedup']:.1f} healed_delta {worst['healed_delta']:+.2f} "

@@ -97,11 +97,6 @@ def heal_model(
         owned_ray = owned()
         ctx.search = make_ray_search(model_factory=_Clone(copy.deepcopy(model).cpu()), gpus_per_trial=0,
                                      progress=progress)
-        if method in GUARDED:
-            from potion.pipeline.ray_search import make_ray_guard_search
-
-            ctx.guard_search = make_ray_guard_search(model_factory=_Clone(copy.deepcopy(model).cpu()),
-                                                     gpus_per_trial=0)
     try:
         result = heal(method, ctx)
     finally:

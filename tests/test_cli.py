@@ -216,6 +216,7 @@ def test_guard_refuses_where_the_papers_k_star_damages_unless_allowed(run_dir, t
         assert "NOT changed" in capsys.readouterr().err and not healed_model.exists()
         refusal = json.loads((guarded / "report.json").read_text())
         assert refusal["healed"] is False and refusal["trace"] and refusal["guard"]["reason"]
+        assert refusal["guard"]["proxy0"]["n"] + refusal["guard"]["proxy0"]["n_excluded"] == 300
     else:  # a step within δ: its real damage is far below the paper's
         rep_g = json.loads((guarded / "report.json").read_text())
         assert rep_g["info"]["guard"]["damage"][str(rep_g["k_star"])] >= -1.0

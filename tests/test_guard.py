@@ -2,6 +2,8 @@
 correction, the same choice from the Ray searcher's window, and a real tiny model."""
 from __future__ import annotations
 
+import dataclasses
+import math
 import random
 
 import numpy as np
@@ -10,18 +12,16 @@ import torch
 
 from potion.errors import PotionError
 from potion.pipeline.heal import draw_proxy
-from potion.pipeline.ray_search import PTNSearcher
 from potion.unlearning.batch_size import auto_batch_size, resolve_batch_size
 from potion.unlearning.guard import (
     GuardConfig,
     estimate_poison_share,
-    guard_scan,
+    guard_choose,
     guard_search,
     proxy_damage,
 )
 from potion.unlearning.importances import compute_importances
 from potion.unlearning.proxy_split import penultimate_features, poison_like
-from searcher_driver import drive
 from toy_backdoor import backdoored_mlp
 from potion.unlearning.methods import HealContext, heal
 from potion.unlearning.ptn import PTNConfig, ProxyBase, StepEvaluator, StepResult, ptn_search
@@ -38,55 +38,97 @@ def curve(a, other, target=None):
                        acc_proxy_other=other[k]) for k in range(len(a))]
 
 
-def scan(steps, max_steps=None, **cfg):
-    return guard_scan(steps, threshold=0.2, acc0=1.0, base=BASE, cfg=GuardConfig(**cfg),
-                      max_steps=len(steps) - 1 if max_steps is None else max_steps)
+def choose(steps, **cfg):
+    """The guard on a hand-built curve: the paper's scan on Sf up to its k* (no proxy), then
+    each step's proxy on request. Returns the decision and the probed ks."""
+    k_paper = next((r.k for r in steps if r.acc_forget <= 0.2), None)
+    scan = [dataclasses.replace(r, acc_proxy=None, acc_proxy_target=None, acc_proxy_other=None)
+            for r in (steps if k_paper is None else steps[:k_paper + 1])]
+    probes = []
+
+    def measure(k):
+        probes.append(k)
+        return steps[k]
+
+    d, measured = guard_choose(scan, k_paper, measure, threshold=0.2, acc0=1.0, base=BASE,
+                               cfg=GuardConfig(**cfg), max_steps=len(steps) - 1)
+    assert list(measured) == probes == d.probes and len(set(probes)) == len(probes)  # each step once
+    return d
 
 
-def test_crossing_inside_delta_returns_the_papers_k_star():
+def test_crossing_inside_delta_returns_the_papers_k_star_with_one_proxy_measurement():
     a = [1.0, 1.0, 0.8, 0.5, 0.15, 0.1, 0.0]
     other = [1.0, 1.0, 0.999, 0.998, 0.995, 0.95, 0.9]
-    d = scan(curve(a, other), max_damage=1.0)
-    assert d.done and d.status == "k_star" and d.choice.k == d.k_paper == 4 and d.horizon == 4
+    d = choose(curve(a, other), max_damage=1.0)
+    assert d.status == "k_star" and d.choice.k == d.k_paper == 4 and d.probes == [4]
     assert d.damage[4] == pytest.approx(-100 * 0.9 * 0.005)
 
 
 def test_stepping_ahead_only_within_delta_and_to_lower_a_k():
     a = [1.0, 0.5, 0.15, 0.18, 0.05, 0.0, 0.0]
     other = [1.0, 1.0, 0.999, 0.999, 0.996, 0.95, 0.9]
-    d = scan(curve(a, other), max_damage=1.0, ahead=3)
+    d = choose(curve(a, other), max_damage=1.0, ahead=3)
     # k = 5 heals fully but breaks δ (−4.5 points); k = 4 is the lowest a_k within δ
-    assert d.status == "ahead" and d.choice.k == 4 and d.k_paper == 2 and d.horizon == 5
-    assert scan(curve(a, other), max_damage=1.0, ahead=0).choice.k == 2
+    assert d.status == "ahead" and d.choice.k == 4 and d.k_paper == 2 and d.probes == [2, 3, 4, 5]
+    assert choose(curve(a, other), max_damage=1.0, ahead=0).choice.k == 2
 
 
 def test_k_star_breaking_delta_falls_back_to_the_best_step_within_it():
     a = [1.0, 0.9, 0.6, 0.4, 0.1, 0.0]
     other = [1.0, 1.0, 0.998, 0.995, 0.9, 0.8]  # damage −0.18, −0.45 at k = 2, 3; −9 at k* = 4
-    d = scan(curve(a, other), max_damage=1.0)
+    d = choose(curve(a, other), max_damage=1.0)
     assert d.k_paper == 4 and d.status == "partial" and d.choice.k == 3
     assert "breaks δ=1" in d.reason and "partial" in d.reason
-    tight = scan(curve(a, other), max_damage=0.3)
-    assert tight.choice.k == 2
+    assert choose(curve(a, other), max_damage=0.3).choice.k == 2
 
 
-def test_a_curve_that_never_crosses_and_damages_stops_after_patience():
+def test_a_curve_that_never_crosses():
     a = [1.0] * 3 + [0.9] * 30
-    other = [1.0] * 3 + [0.95] * 30
-    d = scan(curve(a, other), max_damage=1.0, patience=4)
-    assert d.done and d.k_paper is None and d.horizon == 6 and d.choice is None and d.status == "none"
-    assert "4 consecutive steps" in d.reason
-    # with nothing over δ, the scan runs to max_steps and reports the best partial heal
-    d2 = scan(curve([1.0, 0.9, 0.7, 0.8], [1.0] * 4))
-    assert d2.horizon == 3 and d2.status == "partial" and d2.choice.k == 2
+    other = [1.0] * 3 + [0.95] * 30  # every step that lowers a_k breaks δ
+    d = choose(curve(a, other), max_damage=1.0)
+    assert d.k_paper is None and d.choice is None and d.status == "none"
+    assert "no step k <= 32 reaches" in d.reason and len(d.probes) <= 6 + 4
+    # nothing over δ: the best partial heal of the whole scan
+    d2 = choose(curve([1.0, 0.9, 0.7, 0.8], [1.0] * 4))
+    assert d2.status == "partial" and d2.choice.k == 2
 
 
-def test_the_scan_is_not_done_before_its_horizon_and_ignores_gaps():
-    steps = curve([1.0, 0.5, 0.1, 0.0], [1.0] * 4)
-    assert not scan(steps[:2], max_steps=3).done
-    gap = [steps[0], steps[2], steps[3]]  # k = 1 missing: only the prefix k = 0 counts
-    d = guard_scan(gap, threshold=0.2, acc0=1.0, base=BASE, cfg=GuardConfig(), max_steps=3)
-    assert not d.done and d.horizon == 0
+def brute_force(steps, k_paper, max_damage):
+    """The lowest a_k (ties: larger k) below k* within δ, from every step's damage."""
+    ok = [r for r in steps[:k_paper] if proxy_damage(r, BASE, 1.0, 0.0) >= -max_damage and r.acc_forget < 1.0]
+    return min(ok, key=lambda r: (r.acc_forget, -r.k)) if ok else None
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_bisection_finds_the_exhaustive_choice_with_log_k_probes_and_never_passes_delta(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(20, 200))
+    a = np.clip(1.0 - np.cumsum(rng.uniform(0, 3.0 / n, n)) + rng.normal(0, 0.02, n), 0, 1)
+    a[-1] = 0.0
+    other = 1.0 - np.cumsum(rng.uniform(0, 0.05 / n, n))  # damage grows with k
+    steps = curve(list(a), list(other))
+    delta = float(rng.choice([0.3, 1.0, 2.0]))
+    d = choose(steps, max_damage=delta)
+    truth = brute_force(steps, d.k_paper, delta)
+    if d.status == "k_star":
+        assert d.probes == [d.k_paper]
+    else:
+        assert (d.choice and d.choice.acc_forget) == (truth and truth.acc_forget)
+        assert len(d.probes) <= 1 + math.ceil(math.log2(d.k_paper + 1)) + 1 + GuardConfig().refine
+    # a noisy damage curve: the choice may heal less than the exhaustive scan, never damage more
+    noisy = curve(list(a), list(np.clip(other + rng.normal(0, 0.004, n), 0, 1)))
+    got = choose(noisy, max_damage=delta)
+    assert got.choice is None or proxy_damage(noisy[got.choice.k], BASE, 1.0, 0.0) >= -delta
+
+
+def test_refining_above_the_bisection_recovers_a_step_behind_a_noisy_dip():
+    # damage −1.1 at k = 5 (over δ) but −0.6 at k = 6 and 7, which heal more: bisection alone
+    # stops below 5, the refinement measures 7 (lowest a_k) and takes it
+    a = [1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.1]
+    dmg = [0.0, 0.1, 0.2, 0.3, 0.5, 1.1, 0.6, 0.6, 5.0]
+    steps = curve(a, [1.0 - x / 90 for x in dmg])
+    assert choose(steps, max_damage=1.0).choice.k == 7
+    assert choose(steps, max_damage=1.0, refine=0).choice.k == 4
 
 
 def test_healed_undiscovered_poison_is_not_counted_as_damage_but_clean_target_loss_is():
@@ -100,7 +142,7 @@ def test_healed_undiscovered_poison_is_not_counted_as_damage_but_clean_target_lo
     assert u == pytest.approx(0.1)  # min over k with Sf healed ≥ 50 %: (0.06/0.6, 0.09/0.9, 0.1/1, 0.4/1)
     assert proxy_damage(steps[3], BASE, 1.0, u) == pytest.approx(0.0)
     assert proxy_damage(steps[5], BASE, 1.0, u) == pytest.approx(-100 * 0.1 * 0.3)
-    d = scan(steps, ahead=2, max_damage=1.0, poison_cap=0.3)
+    d = choose(steps, ahead=2, max_damage=1.0, poison_cap=0.3)
     assert d.k_paper == 3 and d.choice.k == 4  # k = 5 lost 30 % of the clean target class: refused
     # without the correction the same healing would read as −1 point at k = 3
     assert proxy_damage(steps[3], BASE, 1.0, 0.0) == pytest.approx(-0.9)
@@ -109,37 +151,8 @@ def test_healed_undiscovered_poison_is_not_counted_as_damage_but_clean_target_lo
                                  GuardConfig(poison_cap=0.3)) == pytest.approx(0.3)
 
 
-def simulate(searcher, steps, window, seed):
-    drive(searcher, lambda k: {key: v for key, v in steps[k].to_dict().items() if v is not None}, window, seed)
-
-
-@pytest.mark.parametrize("seed", range(12))
-def test_ray_searcher_with_the_guard_makes_the_local_choice(seed):
-    rng = np.random.default_rng(seed)
-    n = int(rng.integers(5, 60))
-    a = np.clip(1.0 - np.cumsum(rng.uniform(0, 0.15, n)) + rng.normal(0, 0.05, n), 0, 1)
-    other = np.clip(1.0 - np.cumsum(rng.uniform(0, 0.004, n)), 0, 1)
-    target = np.clip(1.0 - np.cumsum(rng.uniform(0, 0.01, n)), 0, 1)
-    steps = curve(list(a), list(other), list(target))
-    cfg = GuardConfig(max_damage=float(rng.choice([0.3, 1.0, 2.0])), ahead=int(rng.integers(0, 4)), patience=3)
-    local = guard_scan(steps, threshold=0.2, acc0=1.0, base=BASE, cfg=cfg, max_steps=n - 1)
-    for window in (1, 3, 6):
-        def done(results):
-            return guard_scan(results, threshold=0.2, acc0=1.0, base=BASE, cfg=cfg, max_steps=n - 1).done
-
-        searcher = PTNSearcher(0.2, n - 1, window, "waves", done=done)
-        simulate(searcher, steps, window, seed)
-        got = guard_scan(list(searcher.results.values()), threshold=0.2, acc0=1.0, base=BASE, cfg=cfg,
-                         max_steps=n - 1)
-        assert got.done and got.horizon == local.horizon
-        assert (got.choice and got.choice.k) == (local.choice and local.choice.k), window
-        assert max(searcher.results) <= local.horizon + window - 1  # at most a window past the horizon
-    with pytest.raises(PotionError, match="linear or waves"):
-        PTNSearcher(0.2, 10, 2, "bisect", done=lambda r: True)
-
-
 def test_guard_config_rejects_bad_values():
-    for bad in ({"max_damage": -1.0}, {"ahead": -1}, {"patience": 0}, {"heal_min": 0.0}, {"poison_cap": 2.0}):
+    for bad in ({"max_damage": -1.0}, {"ahead": -1}, {"refine": -1}, {"heal_min": 0.0}, {"poison_cap": 2.0}):
         with pytest.raises(PotionError, match="guard."):
             GuardConfig(**bad)
 
@@ -232,9 +245,9 @@ def test_mlflow_and_the_plot_show_the_proxy_delta_and_why(tmp_path):
     from potion.pipeline.tracking import SearchTracker, tradeoff_figure
 
     steps = curve([1.0, 0.6, 0.3, 0.1], [1.0, 1.0, 0.999, 0.99])
-    d = scan(steps)
+    d = choose(steps)
     guard = {**d.to_dict(), "max_damage": 1.0, "proxy0": BASE.to_dict()}
-    fig = tradeoff_figure([s.to_dict() | {"proxy_damage": d.damage[s.k]} for s in steps], 0.2, d.choice.k, guard)
+    fig = tradeoff_figure([s.to_dict() | {"proxy_damage": d.damage.get(s.k)} for s in steps], 0.2, d.choice.k, guard)
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert any("δ = 1" in t for t in labels) and any("θ0 on the proxy" in t for t in labels)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -243,9 +256,10 @@ def test_mlflow_and_the_plot_show_the_proxy_delta_and_why(tmp_path):
         run_id = tr.parent_run_id
     run = MlflowClient(tracking_uri=uri).get_run(run_id)
     assert run.data.metrics["max_damage"] == 1.0 and run.data.metrics["proxy0_acc"] == 1.0
+    assert run.data.metrics["guard_probes"] == 1 and run.data.metrics["proxy0_n_excluded"] == 0
     assert "keeps the proxy within δ" in run.data.tags["guard_reason"]
     hist = MlflowClient(tracking_uri=uri).get_metric_history(run_id, "curve/proxy_damage")
-    assert sorted(m.step for m in hist) == [0, 1, 2, 3]
+    assert sorted(m.step for m in hist) == d.probes == [3]  # the proxy is measured where the guard asks
 
 
 def test_the_proxy_split_needs_no_target_labelled_image_and_no_linear_layer():

@@ -261,8 +261,7 @@ def test_ray_search_needs_a_connection_and_a_model_spec(problem, monkeypatch):
 
 
 def test_ray_guard_search_makes_the_local_guards_choice(ray_local, problem, tmp_path):
-    """The damage guard over Tune (window past k*) returns the local scan's step and weights."""
-    from potion.pipeline.ray_search import make_ray_guard_search
+    """The damage guard with the paper's search on Tune returns the local guard's step and weights."""
     from potion.unlearning.guard import GuardConfig, guard_search
 
     cfg = problem["cfg"]
@@ -274,13 +273,15 @@ def test_ray_guard_search_makes_the_local_guards_choice(ray_local, problem, tmp_
         return ev
 
     local = guard_search(evaluator(), cfg, gcfg)
-    search = make_ray_guard_search(model_name=problem["name"], model_kwargs=problem["kwargs"], window=3,
-                                   storage_path=tmp_path / "ray_results")
-    got = search(evaluator(), cfg, gcfg)
+    search = make_ray_search(model_name=problem["name"], model_kwargs=problem["kwargs"], window=3,
+                             storage_path=tmp_path / "ray_results")
+    got = guard_search(evaluator(), cfg, gcfg, search=search)
     assert got.k_star == local.k_star and got.guard["status"] == local.guard["status"]
     assert got.guard["reason"] == local.guard["reason"] and got.guard["damage"] == local.guard["damage"]
+    assert got.guard["probes"] == local.guard["probes"] and got.guard["probes"]
     horizon = local.guard["horizon"]
-    assert got.guard["horizon"] == horizon and max(r.k for r in got.trace) <= horizon + 2  # window 3
-    assert [r for r in got.trace if r.k <= horizon] == local.trace  # the same steps, measured the same way
-    assert all(r.acc_proxy is not None for r in got.trace)
+    assert got.guard["horizon"] == horizon and max(r.k for r in got.trace) <= max(horizon + 2, *local.guard["probes"])
+    # the Tune trials measured Sf alone; the probes (on the driver) the proxy too
+    assert all((r.acc_proxy is not None) == (str(r.k) in got.guard["damage"]) for r in got.trace)
+    assert [r for r in got.trace if r.k <= horizon] == [r for r in local.trace if r.k <= horizon]
     assert all(torch.equal(got.state_dict[n], local.state_dict[n]) for n in local.state_dict)

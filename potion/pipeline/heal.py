@@ -414,15 +414,11 @@ def _heal(inputs: HealInputs, job: HealJob, out: Path, share, count, identified,
                             storage_path=str(out.resolve() / "ray_results"), callbacks=callbacks,
                             progress=progress, placement=placement)
             ctx.search = make_ray_search(**ray_spec)
-            if job.method in GUARDED:
-                from potion.pipeline.ray_search import make_ray_guard_search
-
-                ctx.guard_search = make_ray_guard_search(**ray_spec)
         try:
             result = heal(job.method, ctx)
         except (PTNNoCrossing, NothingToHeal) as e:
             trace = [t.to_dict() for t in getattr(e, "trace", [])]
-            guard_info = e.decision.to_dict() if isinstance(e, GuardNoSafeStep) else None
+            guard_info = e.info if isinstance(e, GuardNoSafeStep) else None
             if job.on_no_crossing != "keep":
                 if guard_info is not None:
                     _report_refusal(e, guard_info, trace, extra, job, out, tracker, final_out or out)

@@ -34,7 +34,6 @@ import torch
 from ray.tune.search import Searcher
 
 from potion.errors import PotionError
-from potion.unlearning.guard import GuardConfig, GuardResult, guard_result, guard_scan
 from potion.unlearning.ptn import (
     PTNConfig,
     PTNResult,
@@ -207,10 +206,7 @@ class PTNSearcher(Searcher):
     """Proposes PTN steps k; see the module docstring for the two strategies."""
 
     def __init__(self, threshold: float, max_steps: int, window: int, strategy: str = "waves",
-                 on_result: Callable[[StepResult], None] | None = None, reproposals: int = REPROPOSALS,
-                 done: Callable[[list[StepResult]], bool] | None = None):
-        """``done`` (the damage guard): the window keeps going past the first crossing until
-        ``done(results)`` says the contiguous prefix k = 0..H decides; bisect is refused."""
+                 on_result: Callable[[StepResult], None] | None = None, reproposals: int = REPROPOSALS):
         super().__init__(metric="acc_forget", mode="min")
         self.on_result = on_result  # called on the driver as each step's result arrives
         self.reproposals = int(reproposals)
@@ -224,9 +220,6 @@ class PTNSearcher(Searcher):
         self.max_steps = int(max_steps)
         self.window = int(window)
         self.bisect = strategy == "bisect"
-        self.done_fn = done
-        if done is not None and self.bisect:
-            raise PotionError("the damage guard scans every step up to its horizon; use strategy linear or waves")
         self.results: dict[int, StepResult] = {}
         self.pending: dict[str, int] = {}  # trial id → k
         self.proposed: list[int] = []
@@ -285,14 +278,10 @@ class PTNSearcher(Searcher):
 
     def _next_window(self):
         open_ks = [*self.pending.values(), *self.retry]
-        if self.done_fn is not None:
-            if self.done_fn(list(self.results.values())):
-                return Searcher.FINISHED  # decided from the contiguous prefix: nothing pending matters
-        else:
-            hit = self.crossing()
-            if hit is not None:
-                # Everything below hit.k was proposed (proposals are consecutive); wait for it.
-                return None if any(k < hit.k for k in open_ks) else Searcher.FINISHED
+        hit = self.crossing()
+        if hit is not None:
+            # Everything below hit.k was proposed (proposals are consecutive); wait for it.
+            return None if any(k < hit.k for k in open_ks) else Searcher.FINISHED
         if self._next_k > self.max_steps:
             return None if open_ks else Searcher.FINISHED
         lowest_open = min(open_ks, default=self._next_k)
@@ -468,98 +457,6 @@ def _run_trials(payload: SearchPayload, cfg: PTNConfig, searcher: PTNSearcher, w
         placement["trials"] = by_node
         placement["trial_restarts"] = recovered.count + sum(searcher.reproposed.values())
     return results
-
-
-def ray_guard_search(
-    payload: SearchPayload,
-    config: PTNConfig | None = None,
-    guard: GuardConfig | None = None,
-    allow_damage: bool = False,
-    *,
-    window: int | None = None,
-    resources: Mapping[str, float] | None = None,
-    storage_path: str | os.PathLike | None = None,
-    callbacks: Sequence = (),
-    evaluator: StepEvaluator | None = None,
-    progress: bool = False,
-    placement: dict | None = None,
-) -> GuardResult:
-    """The damage guard over Ray Tune: the same choice as ``guard_search``.
-
-    The window runs past the paper's k* until ``guard_scan`` decides on the contiguous
-    prefix k = 0..H; steps past H that were already in flight are dropped, so the choice
-    is made on exactly the steps the local scan sees.
-    """
-    import ray
-
-    if not ray.is_initialized():
-        raise PotionError("Ray is not connected; call potion.pipeline.ray_runtime.connect() first")
-    if payload.proxy_batches is None:
-        raise PotionError("the damage guard needs the clean proxy in the search payload (proxy_batches)")
-    cfg = config or payload.config
-    gcfg = guard or GuardConfig()
-    window = int(window or cfg.window)
-    evaluator = evaluator or build_evaluator(payload, "cpu")
-    threshold = crossing_threshold(evaluator, cfg)
-    acc0 = float(evaluator.acc0)
-    base = evaluator.proxy_base
-
-    def scan(steps):
-        return guard_scan(steps, threshold=threshold, acc0=acc0, base=base, cfg=gcfg, max_steps=cfg.max_steps)
-
-    bar = progress_bar(desc=f"{search_label('guard')} on Ray, {window} in flight", unit="step", enabled=progress)
-
-    def on_result(r: StepResult) -> None:
-        bar.set_postfix_str(describe_step(r, threshold), refresh=False)
-        bar.update(1)
-
-    searcher = PTNSearcher(threshold, cfg.max_steps, window, "waves", on_result=on_result,
-                           done=lambda steps: scan(steps).done)
-    try:
-        results = _run_trials(payload, cfg, searcher, window, "guard", resources, storage_path, callbacks,
-                              placement)
-    finally:
-        bar.close()
-    if not results:
-        raise PotionError("the Ray PTN search ran no trials; check the cluster's resources (CPU/GPU per trial)")
-    trace = [results[k] for k in sorted(results)]
-    decision = scan(trace)
-    if not decision.done:  # the searcher never lets this happen; guard against silent wrong answers
-        raise PotionError(f"the Ray guard search ended before the scan decided (contiguous steps up to "
-                          f"k={decision.horizon})")
-    return guard_result(evaluator, cfg, gcfg, trace, decision, "ray-guard", allow_damage)
-
-
-def make_ray_guard_search(
-    *,
-    model_name: str | None = None,
-    model_kwargs: Mapping[str, Any] | None = None,
-    model_factory: Callable[[], torch.nn.Module] | None = None,
-    window: int | None = None,
-    gpus_per_trial: float = 0.25,
-    cpus_per_trial: float = 1.0,
-    resources: Mapping[str, float] | None = None,
-    storage_path: str | os.PathLike | None = None,
-    callbacks: Sequence = (),
-    progress: bool = False,
-    placement: dict | None = None,
-) -> Callable[..., GuardResult]:
-    """A drop-in for ``guard_search(evaluator, config, guard, allow_damage)``
-    (``HealContext.guard_search``) that runs the steps as Ray Tune trials."""
-
-    def search(evaluator: StepEvaluator, config: PTNConfig | None = None, guard: GuardConfig | None = None,
-               allow_damage: bool = False) -> GuardResult:
-        cfg = config or evaluator.config
-        payload = payload_from_evaluator(evaluator, cfg, model_name=model_name, model_kwargs=model_kwargs,
-                                         model_factory=model_factory)
-        return ray_guard_search(
-            payload, cfg, guard, allow_damage, window=window,
-            resources=resources or trial_resources(gpus_per_trial, cpus_per_trial),
-            storage_path=storage_path, callbacks=callbacks, evaluator=evaluator, progress=progress,
-            placement=placement,
-        )
-
-    return search
 
 
 def make_ray_search(

@@ -392,8 +392,10 @@ class SearchTracker:
         metrics = [Metric(CURVE_PREFIX + key, v, now, int(d["k"]))
                    for d in steps for key, v in _numeric(d, fields).items()]
         if guard:
-            summary = {"max_damage": guard.get("max_damage"), "proxy0_acc": (guard.get("proxy0") or {}).get("acc"),
-                       "k_paper": guard.get("k_paper"), "poison_share_est": guard.get("poison_share")}
+            proxy0 = guard.get("proxy0") or {}
+            summary = {"max_damage": guard.get("max_damage"), "proxy0_acc": proxy0.get("acc"),
+                       "proxy0_n_excluded": proxy0.get("n_excluded"), "k_paper": guard.get("k_paper"),
+                       "poison_share_est": guard.get("poison_share"), "guard_probes": len(guard.get("probes") or [])}
             metrics += [Metric(key, v, now, 0) for key, v in _numeric(summary, list(summary)).items()]
             self.client.set_tag(self.parent_run_id, "guard_reason", str(guard.get("reason", ""))[:5000])
         hit = [d for d in steps if d["k"] == k_star]

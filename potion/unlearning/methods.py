@@ -70,11 +70,10 @@ class HealContext:
     retain_batch_size: int | None = None
     fast_eval: bool = False  # CUDA: channels-last + half-precision autocast in the search's checks
     # xlf_ptn_guard: the clean proxy (a slice of Dr, never Sf or the test split), δ and
-    # whether a step past δ may be returned; guard_search replaces the local scan (Ray)
+    # whether a step past δ may be returned (its search on Sf is ``search``, as above)
     proxy_batches: Sequence | None = None
     guard: GuardConfig = field(default_factory=GuardConfig)
     allow_damage: bool = False
-    guard_search: Callable[..., PTNResult] | None = None
 
 
 @dataclass
@@ -243,10 +242,7 @@ def _xlf_ptn_guard(ctx: HealContext) -> HealResult:
         ctx.ptn, val_batches=ctx.val_batches, device=ctx.device, fast=ctx.fast_eval,
         proxy_batches=ctx.proxy_batches,
     )
-    gcfg = ctx.guard
-    if ctx.allow_damage:  # the paper's k* must stay reachable: never stop the scan on damage
-        gcfg = dataclasses.replace(gcfg, patience=ctx.ptn.max_steps + 1)
-    res = (ctx.guard_search or guard_search)(evaluator, ctx.ptn, gcfg, ctx.allow_damage)
+    res = guard_search(evaluator, ctx.ptn, ctx.guard, ctx.allow_damage, search=ctx.search, progress=ctx.progress)
     timings["search_s"] = time.perf_counter() - t0
     info = {"estimator": "xlf", "lam": 1.0, "ptn": dataclasses.asdict(ctx.ptn),
             "retain_sample": retain_sample_record(ctx, imp_r), **res.to_dict()}

@@ -186,7 +186,7 @@ class StepEvaluator:
     ``model`` is scratch space: each evaluation loads θ_k into it.
     ``val_batches`` (optional) is a sequence of (x, y) batches or a callable returning
     an iterable of them; it is re-read for every step. ``proxy_batches`` (optional, the
-    damage guard's clean slice of Dr) is measured at every step as a whole and split into
+    damage guard's clean slice of Dr) is measured at every step (outside ``forget_only``) and split into
     its target-labelled part (labels that occur in Sf) and the rest; target-labelled images
     that θ0 sees like the found poison (:mod:`potion.unlearning.proxy_split`) are left out.
     """
@@ -349,6 +349,16 @@ class StepEvaluator:
 
     def crossed(self, result: StepResult) -> bool:
         return result.acc_forget <= self.threshold
+
+    @contextmanager
+    def forget_only(self):
+        """Steps measured on Sf (and the validation batches) alone while inside: the damage
+        guard runs the paper's search this way and measures the proxy only where it asks."""
+        proxy, self.proxy_batches = self.proxy_batches, None
+        try:
+            yield self
+        finally:
+            self.proxy_batches = proxy
 
     def evaluate(self, k: int) -> StepResult:
         if self.proxy_batches is not None:
