@@ -51,13 +51,15 @@ PAPER_METHOD = "xlf_ptn"
 
 
 def cifar_train_job(root) -> TrainJob:
-    """A CPU-sized CIFAR-10-jpeg run: 8,000 training images, quarter-width ResNet-9, 2 % badnet."""
+    """The cifar10-cpu suite's sine model: 20,000 CIFAR-10-jpeg images, quarter-width ResNet-9,
+    10 epochs, 1 % sine to class 0 (clean_acc 0.728, asr 0.90 measured; ~7 min on 2 cores).
+    A shorter recipe (8,000 images, 200 iterations) learned no backdoor (asr 0.08)."""
     return TrainJob(
-        data=DataConfig(dataset="parquet", args={"root": str(data_root("cifar10-jpeg", root)), "train_limit": 8000,
-                                                 "test_limit": 2000, "seed": 0}),
-        poison=PoisonConfig(trigger="badnet", share=0.02, target=0, seed=0),
+        data=DataConfig(dataset="parquet", args={"root": str(data_root("cifar10-jpeg", root)), "train_limit": 20000,
+                                                 "test_limit": 5000, "seed": 0}),
+        poison=PoisonConfig(trigger="sine", share=0.01, target=0, seed=0),
         model=ModelConfig(name="resnet9", args={"width": 0.25}),
-        recipe=TrainRecipe(iterations=200, batch_size=128, lr=0.05, seed=0),
+        recipe=TrainRecipe(iterations=780, batch_size=256, lr=0.05, seed=0),
         device="cpu",
     )
 
@@ -243,6 +245,10 @@ def main() -> None:
             t0 = time.perf_counter()
             run_train(job, run, progress=False)
             print(f"trained {run} in {time.perf_counter() - t0:.0f} s", flush=True)
+        asr = json.loads((run / "metrics.json").read_text()).get("asr")
+        if asr is not None and asr < 0.5:
+            raise SystemExit(f"{run}: the model's attack success rate is {asr:.2f}; it learned no backdoor to "
+                             "heal, so a speed comparison would time no healing. Train it longer or pass --run")
         bs = 64 if case == "digits" else args.batch_size
         summaries[case] = run_case(case, run, work / case, shares, seeds, bs, none_cli=not args.no_none and not args.smoke,
                                    overrides=overrides, variants=variants)

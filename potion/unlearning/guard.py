@@ -1,8 +1,8 @@
 """The damage guard of ``xlf_ptn_guard``: PTN that never returns a θ the clean proxy calls
 damaged by more than δ.
 
-Beyond the paper (SPEC §8 reads only the deletion set Sf). Every evaluated step also
-measures accuracy on a clean *proxy*: a seeded slice of the retain set Dr (never the test
+Beyond the paper (SPEC §8 reads only the deletion set Sf). The steps the guard scores are
+also measured on a clean *proxy*: a seeded slice of the retain set Dr (never the test
 split, never Sf). Dr still holds the poison the owner did not find, under the target label;
 once healed it would read as "damage" on the target class. The evaluator therefore leaves
 out the target-labelled proxy images that θ0's features place with the found poison
@@ -148,14 +148,14 @@ def guard_choose(scan: Sequence[StepResult], k_paper: int | None, measure: Calla
       not, the lowest a_k among the measured steps within δ. Then up to ``refine`` steps
       above the bisection's bound with a still lower a_k are measured, lowest a_k first;
       the first within δ wins. Ties go to the larger k: it dampens a superset of the
-      parameters (α falls with k), so it heals at least as much. Every step
-      returned was measured within δ whatever the curve, so the bound holds exactly; only
-      *how much* a partial heal heals leans on the damage growing with k.
+      parameters (α falls with k), so it heals at least as much. Every step returned was
+      measured within δ whatever the curve, so the bound holds exactly; only *how much* a
+      partial heal heals leans on the damage growing with k.
     - Nothing within δ that lowers a_k: none.
 
-    At most log2(k*) + 2 + ``refine`` proxy measurements instead of one per step: the proxy is 2,000 images
-    against |Sf|'s tens to hundreds, so measuring it at every step cost as much as the
-    whole retain pass (benchmarks/results/heal_speed.md).
+    At most log2(k*) + 2 + ``refine`` proxy measurements instead of one per step: the proxy
+    is 2,000 images against |Sf|'s tens to hundreds, so measuring it at every step cost as
+    much as the whole retain pass (benchmarks/results/heal_speed.md).
     """
     a = {r.k: r.acc_forget for r in scan}
     measured: dict[int, StepResult] = {}
@@ -176,8 +176,8 @@ def guard_choose(scan: Sequence[StepResult], k_paper: int | None, measure: Calla
         return dmg[k] >= -cfg.max_damage
 
     def decision(choice: int | None, reason: str, status: str) -> tuple[GuardDecision, dict[int, StepResult]]:
-        top = max(a) if k_paper is None else k_paper
-        d = GuardDecision(top, None if choice is None else measured[choice], k_paper, reason, status, u, dict(dmg),
+        horizon = max(a) if k_paper is None else k_paper
+        d = GuardDecision(horizon, None if choice is None else measured[choice], k_paper, reason, status, u, dict(dmg),
                           list(measured))
         return d, measured
 
