@@ -68,7 +68,7 @@ def digits_train_job(smoke: bool) -> TrainJob:
     return TrainJob(
         poison=PoisonConfig(trigger="badnet", share=0.05, target=0, seed=0),
         model=ModelConfig(name="small_cnn" if smoke else "resnet9", args={} if smoke else {"width": 0.25}),
-        recipe=TrainRecipe(iterations=40 if smoke else 300, batch_size=128, lr=0.05, seed=0),
+        recipe=TrainRecipe(iterations=150 if smoke else 300, batch_size=128, lr=0.05, seed=0),
         device="cpu",
     )
 
