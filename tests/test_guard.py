@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import random
 
 import numpy as np
 import pytest
@@ -223,6 +222,9 @@ def test_xlf_ptn_guard_method_needs_a_proxy_and_records_why(toy):
                       forget_batches=toy["fb"], n_forget=10, n_total=600, ptn=PTNConfig(max_steps=300))
     with pytest.raises(PotionError, match="clean proxy"):
         heal("xlf_ptn_guard", ctx)
+    bare = StepEvaluator(toy["model"], toy["theta0"], toy["theta0"], toy["theta0"], toy["fb"], 10, 600)
+    with pytest.raises(PotionError, match="clean proxy"):  # the core says so too, not a crash deep inside
+        guard_search(bare)
     ctx.proxy_batches = toy["pb"]
     res = heal("xlf_ptn_guard", ctx)
     g = res.info["guard"]

@@ -22,7 +22,6 @@ below it), on the driver: one choice for every backend, from the same pure funct
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -271,6 +270,9 @@ def guard_search(evaluator: Any, config: PTNConfig | None = None, guard: GuardCo
     gcfg = guard or GuardConfig()
     threshold = crossing_threshold(evaluator, cfg)
     base = evaluator.proxy_base  # split at θ0 before the search
+    if base is None:
+        raise PotionError("the damage guard needs a clean proxy: build the StepEvaluator with proxy_batches "
+                          "(a slice of the retain set)")
     with evaluator.forget_only():
         try:
             paper = (search or (lambda ev, c: ptn_search(ev, c, progress=progress)))(evaluator, cfg)
