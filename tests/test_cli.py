@@ -205,9 +205,11 @@ def test_guard_refuses_where_the_papers_k_star_damages_unless_allowed(run_dir, t
     assert main(["heal", *common, "--method", "xlf_ptn", "--out", str(paper)]) == 0
     rep = json.loads((paper / "report.json").read_text())
     assert rep["after"]["model_damage"] < -5, "the scenario must be one where the paper's k* damages"
-    assert rep["importance_batch_size"] == {"value": 512, "auto": False, "n_retain": rep["deletion_set"]["n_train"]
-                                            - rep["deletion_set"]["size"]}  # an explicit B wins
-    capsys.readouterr()
+    ib = rep["importance_batch_size"]
+    assert {k: ib[k] for k in ("value", "auto", "n_retain")} == {
+        "value": 512, "auto": False, "n_retain": rep["deletion_set"]["n_train"] - rep["deletion_set"]["size"]}  # an explicit B wins
+    assert ib["label_runs"] > ib["n_retain"] // 2 and "note" not in ib  # digits are stored in mixed order
+    assert "runs of one label" not in capsys.readouterr().err
 
     guarded = tmp_path / "guarded"
     rc = main(["heal", *common, "--out", str(guarded)])

@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from potion.pipeline.configs import HealJob
 from potion.pipeline.heal_inputs import HealInputs, OwnerSource, RunSource, measure, model_at
 from potion.pipeline.report import before_after_metrics
 from potion.pipeline.runs import MODEL_FILE, resolve_device
-from potion.unlearning.batch_size import resolve_batch_size
+from potion.unlearning.batch_size import label_runs, resolve_batch_size, sorted_batches_note
 from potion.unlearning.cache import ImportanceCache, hash_arrays
 from potion.unlearning.guard import GuardNoSafeStep
 from potion.unlearning.methods import METHODS, HealContext, HealResult, heal, importance_label
@@ -160,8 +161,6 @@ def check_deletion_is_poison(inputs: HealInputs, deletion: np.ndarray, source: s
             "carrying the trigger"
         )
     if hits < len(deletion):
-        import sys
-
         print(f"potion: warning: {len(deletion) - hits} of the {len(deletion)} samples of the deletion set ({source}) "
               "are not poisoned according to the run's manifest; they dilute the forget importances", file=sys.stderr)
 
@@ -400,7 +399,12 @@ def _heal(inputs: HealInputs, job: HealJob, out: Path, share, count, identified,
         guard=job.guard,
         allow_damage=job.allow_damage,
     )
-    extra = {"importance_batch_size": {"value": bs, "auto": bs_auto, "n_retain": int(len(retain))}}
+    extra = {"importance_batch_size": {"value": bs, "auto": bs_auto, "n_retain": int(len(retain)),
+                                       "label_runs": label_runs(view.labels[retain])}}
+    note = sorted_batches_note(view.labels[retain], bs) if retain_sample.is_full else None
+    if note is not None:
+        extra["importance_batch_size"]["note"] = note
+        print(f"potion: note: {note}", file=sys.stderr)
     if proxy is not None:
         extra["proxy"] = proxy_record(proxy, job.seed, len(retain))
 

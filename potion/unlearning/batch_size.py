@@ -7,6 +7,10 @@ benchmarks/results/guard.md ("The importance batch size") and the suites' summar
 """
 from __future__ import annotations
 
+import math
+
+import numpy as np
+
 from potion.errors import PotionError
 
 TARGET_BATCHES = 128
@@ -32,3 +36,25 @@ def resolve_batch_size(explicit: int | None, n_retain: int) -> tuple[int, bool]:
             raise PotionError(f"the importance batch size must be an integer >= 1, got {explicit!r}")
         return explicit, False
     return auto_batch_size(n_retain), True
+
+
+def label_runs(labels: np.ndarray) -> int:
+    """How many maximal runs of one label the sequence holds (1 + the number of changes)."""
+    labels = np.asarray(labels).reshape(-1)
+    return int(labels.size > 0) + int(np.count_nonzero(labels[1:] != labels[:-1]))
+
+
+def sorted_batches_note(labels: np.ndarray, batch_size: int) -> str | None:
+    """A note when Dr, read in its stored order, is in runs of one label longer than a batch.
+
+    G(b) is a function of the batch-mean gradient (SPEC §5), so class-homogeneous batches
+    give another I_r than mixed ones: on the class-sorted CIFAR-10-jpeg export the same full
+    pass in a random order moved k* from 50 to 25–28 (benchmarks/results/heal_speed.md).
+    """
+    n = int(np.asarray(labels).size)
+    runs, batches = label_runs(labels), math.ceil(n / batch_size) if n else 0
+    if n == 0 or runs > batches // 2:
+        return None
+    return (f"the retain set is stored in {runs} runs of one label over {n} samples, so most of its {batches} "
+            f"importance batches of {batch_size} hold a single class; I_r depends on the batches' mix. "
+            f"--retain-sample {n} reads all of it in a seeded random order instead")
