@@ -238,11 +238,11 @@ def test_a_retain_set_stored_sorted_by_class_gets_a_note():
     mixed = np.tile(np.arange(10), 100)
     by_class = np.repeat(np.arange(10), 100)
     assert label_runs(mixed) == 1000 and label_runs(by_class) == 10 and label_runs(np.array([])) == 0
-    assert sorted_batches_note(mixed, 16) is None
-    note = sorted_batches_note(by_class, 16)  # 63 batches, at most 9 of them hold two classes
+    assert sorted_batches_note(label_runs(mixed), 1000, 16) is None
+    note = sorted_batches_note(label_runs(by_class), 1000, 16)  # 63 batches, at most 9 of them hold two classes
     assert "10 runs of one label over 1000 samples" in note and "--retain-sample 1000" in note
     # runs about as long as a batch: most batches hold two classes, no note
-    assert sorted_batches_note(by_class, 64) is None
+    assert sorted_batches_note(label_runs(by_class), 1000, 64) is None
 
 
 def test_auto_batch_size_and_an_explicit_one_wins():

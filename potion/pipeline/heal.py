@@ -399,9 +399,10 @@ def _heal(inputs: HealInputs, job: HealJob, out: Path, share, count, identified,
         guard=job.guard,
         allow_damage=job.allow_damage,
     )
+    runs = label_runs(view.labels[retain])
     extra = {"importance_batch_size": {"value": bs, "auto": bs_auto, "n_retain": int(len(retain)),
-                                       "label_runs": label_runs(view.labels[retain])}}
-    note = sorted_batches_note(view.labels[retain], bs) if retain_sample.is_full else None
+                                       "label_runs": runs}}
+    note = sorted_batches_note(runs, len(retain), bs) if retain_sample.is_full else None
     if note is not None:
         extra["importance_batch_size"]["note"] = note
         print(f"potion: note: {note}", file=sys.stderr)

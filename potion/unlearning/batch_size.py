@@ -44,15 +44,15 @@ def label_runs(labels: np.ndarray) -> int:
     return int(labels.size > 0) + int(np.count_nonzero(labels[1:] != labels[:-1]))
 
 
-def sorted_batches_note(labels: np.ndarray, batch_size: int) -> str | None:
-    """A note when Dr, read in its stored order, is in runs of one label longer than a batch.
+def sorted_batches_note(runs: int, n: int, batch_size: int) -> str | None:
+    """A note when Dr, read in its stored order, is in ``runs`` runs of one label (see
+    :func:`label_runs`) longer than a batch.
 
     G(b) is a function of the batch-mean gradient (SPEC §5), so class-homogeneous batches
     give another I_r than mixed ones: on the class-sorted CIFAR-10-jpeg export the same full
     pass in a random order moved k* from 50 to 25–28 (benchmarks/results/heal_speed.md).
     """
-    n = int(np.asarray(labels).size)
-    runs, batches = label_runs(labels), math.ceil(n / batch_size) if n else 0
+    batches = math.ceil(n / batch_size) if n else 0
     if n == 0 or runs > batches // 2:
         return None
     return (f"the retain set is stored in {runs} runs of one label over {n} samples, so most of its {batches} "

@@ -186,9 +186,10 @@ class StepEvaluator:
     ``model`` is scratch space: each evaluation loads θ_k into it.
     ``val_batches`` (optional) is a sequence of (x, y) batches or a callable returning
     an iterable of them; it is re-read for every step. ``proxy_batches`` (optional, the
-    damage guard's clean slice of Dr) is measured at every step (outside ``forget_only``) and split into
-    its target-labelled part (labels that occur in Sf) and the rest; target-labelled images
-    that θ0 sees like the found poison (:mod:`potion.unlearning.proxy_split`) are left out.
+    damage guard's clean slice of Dr) is measured at every step (outside ``forget_only``)
+    and split into its target-labelled part (labels that occur in Sf) and the rest;
+    target-labelled images that θ0 sees like the found poison
+    (:mod:`potion.unlearning.proxy_split`) are left out.
     """
 
     def __init__(
