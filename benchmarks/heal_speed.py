@@ -133,6 +133,14 @@ def _children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def aggregate(per_share: list[dict]) -> dict:
+    """One procedure over the shares: the summed-wall-time speedup and the mean deltas."""
+    return {"speedup": sum(p["paper_s"] for p in per_share) / sum(p["default_s"] for p in per_share),
+            "healed_delta": statistics.mean(p["healed_delta"] for p in per_share),
+            "damage_delta": statistics.mean(p["damage_delta"] for p in per_share),
+            "cpu_speedup": sum(p["paper_cpu_s"] for p in per_share) / sum(p["default_cpu_s"] for p in per_share)}
+
+
 def run_case(name: str, run: Path, work: Path, shares: list[float], seeds: list[int], batch_size: int | None,
              none_cli: bool, overrides: dict | None = None, variants: dict[str, dict] | None = None) -> dict:
     rows = []
@@ -182,24 +190,15 @@ def run_case(name: str, run: Path, work: Path, shares: list[float], seeds: list[
     print(format_table(per_share, ["share", "procedure", "paper_s", "default_s", "speedup", "paper_cpu_s",
                                    "default_cpu_s", "cpu_speedup", "healed_delta", "damage_delta"]))
     for proc in list(variants or {}):
-        mine = [p for p in per_share if p["procedure"] == proc]
-        print(f"case {name} variant {proc}: speedup "
-              f"{sum(p['paper_s'] for p in mine) / sum(p['default_s'] for p in mine):.1f} healed_delta "
-              f"{statistics.mean(p['healed_delta'] for p in mine):+.2f} damage_delta "
-              f"{statistics.mean(p['damage_delta'] for p in mine):+.2f}", flush=True)
-    per_share_all, per_share = per_share, [p for p in per_share if p["procedure"] == "default"]
-    summary = {
-        "speedup": sum(p["paper_s"] for p in per_share) / sum(p["default_s"] for p in per_share),
-        "healed_delta": statistics.mean(p["healed_delta"] for p in per_share),
-        "damage_delta": statistics.mean(p["damage_delta"] for p in per_share),
-        "cpu_speedup": sum(p["paper_cpu_s"] for p in per_share) / sum(p["default_cpu_s"] for p in per_share),
-        "method_none_s": t_none,
-        "failed_cells": sum(r["failed"] for r in rows),
-    }
+        v = aggregate([p for p in per_share if p["procedure"] == proc])
+        print(f"case {name} variant {proc}: speedup {v['speedup']:.1f} healed_delta {v['healed_delta']:+.2f} "
+              f"damage_delta {v['damage_delta']:+.2f}", flush=True)
+    summary = {**aggregate([p for p in per_share if p["procedure"] == "default"]), "method_none_s": t_none,
+               "failed_cells": sum(r["failed"] for r in rows)}
     print(f"\ncase {name}: speedup {summary['speedup']:.1f} healed_delta {summary['healed_delta']:+.2f} "
           f"damage_delta {summary['damage_delta']:+.2f} cpu_speedup {summary['cpu_speedup']:.1f}"
           + (f" method_none_s {t_none:.1f}" if t_none is not None else ""), flush=True)
-    (work / "results.json").write_text(json.dumps({"rows": rows, "per_share": per_share_all, "summary": summary},
+    (work / "results.json").write_text(json.dumps({"rows": rows, "per_share": per_share, "summary": summary},
                                                   indent=2, default=str))
     return summary
 
