@@ -22,7 +22,7 @@ def data_root(name: str, root: str | os.PathLike | None = None) -> Path:
 
 def mnist_train_job(iterations: int, smoke: bool = False, root: str | os.PathLike | None = None):
     """The CPU-sized MNIST recipe: a quarter-width ResNet-9, 1 % badnet."""
-    from potion.pipeline.configs import DataConfig, ModelConfig, PoisonConfig, TrainJob
+    from potion.runs.configs import DataConfig, ModelConfig, PoisonConfig, TrainJob
     from potion.training import TrainRecipe
 
     args = {"root": str(data_root("mnist", root))}

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from potion.pipeline.runs import load_run
+from potion.runs.folder import load_run
 
 ESTIMATOR = {"ssd": "fisher", "ssd_ptn": "fisher", "lf_ptn": "lf", "xlf_ptn": "xlf"}
 EVAL_BS = 256

@@ -22,10 +22,10 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import mnist_train_job  # noqa: E402
 
-from potion.pipeline.configs import HealJob  # noqa: E402
-from potion.pipeline.heal import run_heal  # noqa: E402
-from potion.pipeline.report import format_table  # noqa: E402
-from potion.pipeline.train import run_train  # noqa: E402
+from potion.runs.configs import HealJob  # noqa: E402
+from potion.heal.run import run_heal  # noqa: E402
+from potion.heal.report import format_table  # noqa: E402
+from potion.jobs.train import run_train  # noqa: E402
 
 METHODS = ["none", "eu", "ssd", "ssd_ptn", "lf_ptn", "xlf_ptn"]
 SHARES = [("10%", {"share": 0.1}), ("50%", {"share": 0.5}), ("100%", {"share": 1.0}), ("one", {"count": 1})]

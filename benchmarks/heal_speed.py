@@ -38,10 +38,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _common import REPO, data_root, mnist_train_job  # noqa: E402
 
 from potion.config import from_dict  # noqa: E402
-from potion.pipeline.configs import DataConfig, HealJob, ModelConfig, PoisonConfig, TrainJob  # noqa: E402
-from potion.pipeline.heal import run_heal  # noqa: E402
-from potion.pipeline.report import format_table  # noqa: E402
-from potion.pipeline.train import run_train  # noqa: E402
+from potion.runs.configs import DataConfig, HealJob, ModelConfig, PoisonConfig, TrainJob  # noqa: E402
+from potion.heal.run import run_heal  # noqa: E402
+from potion.heal.report import format_table  # noqa: E402
+from potion.jobs.train import run_train  # noqa: E402
 from potion.training import TrainRecipe  # noqa: E402
 from potion.unlearning.batch_size import MAX_BATCH  # noqa: E402
 from potion.unlearning.ptn import PTNConfig  # noqa: E402

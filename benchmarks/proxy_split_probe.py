@@ -15,9 +15,9 @@ import argparse
 import numpy as np
 import torch
 
-from potion.pipeline.heal import draw_proxy, select_deletion_set
-from potion.pipeline.heal_inputs import RunSource
-from potion.pipeline.report import format_table
+from potion.heal.run import draw_proxy, select_deletion_set
+from potion.heal.inputs import RunSource
+from potion.heal.report import format_table
 from potion.unlearning.proxy_split import penultimate_features, poison_like
 
 

@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     window = args.window or (2 if args.smoke else args.num_cpus)
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    from potion.pipeline import ray_runtime
-    from potion.pipeline.ray_search import make_ray_search
+    from potion.distributed import runtime as ray_runtime
+    from potion.distributed.search import make_ray_search
     from potion.unlearning.ptn import ptn_search
 
     t0 = time.perf_counter()

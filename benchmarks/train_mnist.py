@@ -16,7 +16,7 @@ import time
 sys.path.insert(0, __import__("os").path.dirname(__file__))
 from _common import mnist_train_job  # noqa: E402
 
-from potion.pipeline.train import run_train  # noqa: E402
+from potion.jobs.train import run_train  # noqa: E402
 
 
 def main() -> None:

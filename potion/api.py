@@ -60,7 +60,7 @@ def heal_model(
     must already be transformed as the model expects (normalised tensors).
     """
     if method is None:  # the same default as `potion heal`
-        from potion.pipeline.configs import HealJob
+        from potion.runs.configs import HealJob
 
         method = HealJob().method
     METHODS.get(method)
@@ -78,7 +78,7 @@ def heal_model(
         raise PotionError(f"heal_model needs samples in both sets; got {n_forget} to delete and {n_retain} to retain")
     cfg = ptn or PTNConfig()
     model.to(device)
-    from potion.pipeline.heal import GUARDED
+    from potion.heal.run import GUARDED
 
     ctx = HealContext(
         model=model, state0={k: v.detach().clone() for k, v in model.state_dict().items()},
@@ -90,8 +90,8 @@ def heal_model(
     t0 = time.perf_counter()
     owned_ray = False
     if backend == "ray":
-        from potion.pipeline.ray_runtime import connect, owned
-        from potion.pipeline.ray_search import make_ray_search
+        from potion.distributed.runtime import connect, owned
+        from potion.distributed.search import make_ray_search
 
         connect(address, num_cpus)
         owned_ray = owned()
@@ -101,7 +101,7 @@ def heal_model(
         result = heal(method, ctx)
     finally:
         if owned_ray:
-            from potion.pipeline.ray_runtime import shutdown_if_owned
+            from potion.distributed.runtime import shutdown_if_owned
 
             shutdown_if_owned()
     info = dict(result.info)
@@ -180,7 +180,7 @@ def _count(batches: Iterable) -> int:
 
 
 def _log(uri: str, experiment: str, report: dict) -> None:
-    from potion.pipeline.tracking import SearchTracker, check_tracking
+    from potion.tracking.tracker import SearchTracker, check_tracking
 
     check_tracking(uri)
     params = {"method": report["method"], "backend": report["backend"], "n_forget": report["n_forget"],

@@ -5,7 +5,7 @@ it with XLF importances and the PTN search, and open the MLflow UI it prints. `p
 runs the whole pipeline on embedded data; `potion data` converts downloaded datasets.
 Run `potion COMMAND --help` for the flags of each command.
 """
-# Developer note: flags become config overrides (potion.config); the work is in potion.pipeline.
+# Developer note: flags become config overrides (potion.config); the work is in potion.jobs, potion.heal and potion.bench.
 from __future__ import annotations
 
 import argparse
@@ -37,8 +37,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 # ---------------------------------------------------------------- train
 def cmd_train(args) -> int:
-    from potion.pipeline.configs import TrainJob
-    from potion.pipeline.train import run_train
+    from potion.runs.configs import TrainJob
+    from potion.jobs.train import run_train
 
     data = _base_dict(args)
     pairs = [("data.dataset", args.dataset), ("data.args.root", args.data_root),
@@ -101,7 +101,7 @@ def _flat_floats(groups: list[list[float]] | None) -> list[float] | None:
 
 def source_from_args(args):
     """The loader for ``--run`` (Potion's run folder) or the owner's pieces (``--model`` …)."""
-    from potion.pipeline.heal_inputs import OwnerSource, RunSource
+    from potion.heal.inputs import OwnerSource, RunSource
 
     given = [f for f in OWNER_FLAGS if getattr(args, f, None) is not None]
     if args.run is not None:
@@ -129,8 +129,8 @@ def source_from_args(args):
 
 # ---------------------------------------------------------------- evaluate
 def cmd_evaluate(args) -> int:
-    from potion.pipeline.evaluate import evaluate_owner, run_evaluate
-    from potion.pipeline.heal_inputs import RunSource
+    from potion.jobs.evaluate import evaluate_owner, run_evaluate
+    from potion.heal.inputs import RunSource
 
     source = source_from_args(args)
     if isinstance(source, RunSource):
@@ -144,7 +144,7 @@ def cmd_evaluate(args) -> int:
 
 # ---------------------------------------------------------------- heal
 def heal_job_from_args(args):
-    from potion.pipeline.configs import HealJob
+    from potion.runs.configs import HealJob
 
     backend = args.backend or ("ray" if (args.address or os.environ.get("RAY_ADDRESS")) else "local")
     pairs = [("method", args.method), ("backend", backend), ("ptn.rho", args.rho), ("ptn.step", args.step),
@@ -161,8 +161,8 @@ def heal_job_from_args(args):
 
 
 def cmd_heal(args) -> int:
-    from potion.pipeline.heal import run_heal
-    from potion.pipeline.report import heal_table
+    from potion.heal.run import run_heal
+    from potion.heal.report import heal_table
 
     source = source_from_args(args)
     job = heal_job_from_args(args)
@@ -172,7 +172,7 @@ def cmd_heal(args) -> int:
     print(f"healed model: {Path(args.out) / 'model.pt'}\nreport: {Path(args.out) / 'report.json'}")
     mlf = report.get("mlflow")
     if mlf and mlf.get("tracking_uri", "").startswith("sqlite:"):
-        from potion.pipeline.tracking import ui_command
+        from potion.tracking.tracker import ui_command
 
         command, url = ui_command(mlf["tracking_uri"], mlf.get("experiment_id"), mlf.get("parent_run_id"))
         print(f"MLflow UI: {command}\n  then open {url}")
@@ -181,7 +181,7 @@ def cmd_heal(args) -> int:
 
 # ---------------------------------------------------------------- demo
 def cmd_demo(args) -> int:
-    from potion.pipeline.demo import run_demo
+    from potion.jobs.demo import run_demo
 
     run_demo(args.out, overwrite=args.overwrite, smoke=args.smoke, backend=args.backend, progress=not args.quiet)
     return 0
@@ -189,7 +189,7 @@ def cmd_demo(args) -> int:
 
 # ---------------------------------------------------------------- data
 def cmd_data(args) -> int:
-    from potion.pipeline.data_prep import prepare_data
+    from potion.jobs.data import prepare_data
 
     summary = prepare_data(args.source, args.src, args.out, data_root_flag=args.data_root,
                            jpeg_quality=args.jpeg_quality, overwrite=args.overwrite,
@@ -202,13 +202,13 @@ def cmd_data(args) -> int:
 
 # ---------------------------------------------------------------- benchmark / report
 def cmd_benchmark(args) -> int:
-    from potion.pipeline.benchmark import run_benchmark
+    from potion.bench.run import run_benchmark
 
     return run_benchmark(args)
 
 
 def cmd_report(args) -> int:
-    from potion.pipeline.benchmark_report import run_report
+    from potion.bench.report import run_report
 
     return run_report(args)
 

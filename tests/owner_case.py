@@ -150,7 +150,7 @@ def direct_k_star(case: dict, step: float = 2.0, batch_size: int = 512) -> int:
                 for i in range(0, len(idx), batch_size)]
 
     # The heal's defaults: its retain sample (drawn from the positions of Dr) and its search.
-    from potion.pipeline.configs import HealJob
+    from potion.runs.configs import HealJob
     from potion.unlearning.sampling import parse_retain_sample
 
     job = HealJob()

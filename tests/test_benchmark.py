@@ -13,11 +13,11 @@ import pytest
 
 from potion.config import from_dict, to_dict
 from potion.errors import PotionError
-from potion.pipeline.benchmark import benchmark
-from potion.pipeline.benchmark_grid import SuiteConfig, expand, load_suite, parse_n, parse_share
-from potion.pipeline.benchmark_results import SCHEMA, read_meta, write_results
-from potion.pipeline.benchmark_report import mean_std, report, summarize
-from potion.pipeline.configs import TrainJob
+from potion.bench.run import benchmark
+from potion.bench.grid import SuiteConfig, expand, load_suite, parse_n, parse_share
+from potion.bench.results import SCHEMA, read_meta, write_results
+from potion.bench.report import mean_std, report, summarize
+from potion.runs.configs import TrainJob
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -20,8 +20,8 @@ def test_demo_smoke_runs_end_to_end(tmp_path, capsys):
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
     from potion.models import load_checkpoint
-    from potion.pipeline.report import before_after_metrics
-    from potion.pipeline.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, step_fields
+    from potion.heal.report import before_after_metrics
+    from potion.tracking.tracker import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, step_fields
 
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--smoke", "--quiet"]) == 0  # no --backend: what `make demo` runs
@@ -70,7 +70,7 @@ def test_demo_smoke_runs_end_to_end(tmp_path, capsys):
     with _use_tracking_uri(uri):
         logged = mlflow.pytorch.load_model(f"models:/{models[0].model_id}", dst_path=str(tmp_path / "dl"))
     ckpt, _ = load_checkpoint(out / "heal" / "model.pt")
-    from potion.pipeline.runs import load_run
+    from potion.runs.folder import load_run
 
     clean, triggered = load_run(out / "train").test_views(seed=0)
     for view in (clean, triggered):

@@ -66,7 +66,7 @@ DRIVER = textwrap.dedent("""
     from potion.cli import main
     PHASE, SIG, DRIVER_PID = sys.argv[1], int(sys.argv[2]), os.getpid()
     if PHASE == "importances":
-        import potion.pipeline.ray_importances as mod
+        import potion.distributed.importances as mod
         inner = mod._shard_sums
         def _shard_sums(*a, **k):
             os.kill(DRIVER_PID, SIG)
@@ -74,7 +74,7 @@ DRIVER = textwrap.dedent("""
             return inner(*a, **k)
         mod._shard_sums = _shard_sums
     else:
-        import potion.pipeline.ray_search as mod
+        import potion.distributed.search as mod
         inner = mod.ptn_trial
         def ptn_trial(config, payload):
             if config["k"] == 2:
@@ -113,7 +113,7 @@ def test_a_signal_during_a_ray_heal_leaves_nothing(run_dir, tmp_path, phase, sig
 
 def test_sigterm_unwinds_like_ctrl_c_and_staging_is_removed(tmp_path, monkeypatch, capsys):
     """In process: SIGTERM raises through the staged block, the CLI maps it to 143."""
-    import potion.pipeline.train as train
+    import potion.jobs.train as train
     from potion.io import staged_output_dir
 
     def run_train(job, out, overwrite=False, progress=True):
@@ -136,7 +136,7 @@ def test_sigterm_unwinds_like_ctrl_c_and_staging_is_removed(tmp_path, monkeypatc
 def ray_local():
     from ray import cloudpickle
 
-    from potion.pipeline import ray_runtime
+    from potion.distributed import runtime as ray_runtime
 
     # Ray workers cannot import this test module: ship its helpers (KillOnce) by value.
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -174,7 +174,7 @@ def _payload_and_local(problem, marker: Path | None):
     import functools
 
     from potion.models import create_model
-    from potion.pipeline.ray_search import payload_from_evaluator
+    from potion.distributed.search import payload_from_evaluator
     from potion.unlearning.importances import compute_importances
     from potion.unlearning.ptn import PTNConfig, StepEvaluator, ptn_search
 
@@ -196,7 +196,7 @@ def _payload_and_local(problem, marker: Path | None):
 
 
 def test_a_killed_trial_worker_is_retried_and_the_search_finds_the_same_k(ray_local, problem, tmp_path):
-    from potion.pipeline.ray_search import ray_ptn_search
+    from potion.distributed.search import ray_ptn_search
 
     marker = tmp_path / "killed"
     payload, evaluator, cfg, local = _payload_and_local(problem, marker)
@@ -213,7 +213,7 @@ def test_a_killed_shard_worker_is_retried_and_importances_are_unchanged(ray_loca
     import functools
 
     from potion.models import create_model
-    from potion.pipeline.ray_importances import sharded_importances
+    from potion.distributed.importances import sharded_importances
     from potion.unlearning.importances import compute_importances
 
     model, kwargs, view, deletion, retain = problem
@@ -243,7 +243,7 @@ def test_a_tune_run_that_stops_early_is_never_read_as_a_search(ray_local, proble
     Simulated by ending the experiment after two steps behind the searcher's back."""
     from ray.tune.search import Searcher
 
-    from potion.pipeline import ray_search
+    from potion.distributed import search as ray_search
 
     payload, evaluator, cfg, local = _payload_and_local(problem, None)
     assert local.k_star > 2
@@ -306,7 +306,7 @@ def test_heal_output_is_staged_relocated_replaced_and_follows_the_umask(run_dir,
 def test_an_interrupted_search_leaves_no_mlflow_run_running(tmp_path):
     from mlflow import MlflowClient
 
-    from potion.pipeline.tracking import SearchTracker
+    from potion.tracking.tracker import SearchTracker
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     with pytest.raises(KeyboardInterrupt):
@@ -327,7 +327,7 @@ def test_an_interrupted_search_leaves_no_mlflow_run_running(tmp_path):
 def test_searcher_survives_dead_trials_in_any_order():
     """Without Ray: trials die at random (once each, at most), the window search still
     returns linear's k* and measures every k below it."""
-    from potion.pipeline.ray_search import PTNSearcher
+    from potion.distributed.search import PTNSearcher
     from searcher_driver import acc_result, drive
 
     rng = np.random.default_rng(0)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from potion.errors import PotionError
-from potion.pipeline.heal import draw_proxy
+from potion.heal.run import draw_proxy
 from potion.unlearning.batch_size import auto_batch_size, resolve_batch_size
 from potion.unlearning.guard import (
     GuardConfig,
@@ -257,7 +257,7 @@ def test_auto_batch_size_and_an_explicit_one_wins():
 def test_mlflow_and_the_plot_show_the_proxy_delta_and_why(tmp_path):
     from mlflow import MlflowClient
 
-    from potion.pipeline.tracking import SearchTracker, tradeoff_figure
+    from potion.tracking.tracker import SearchTracker, tradeoff_figure
 
     steps = curve([1.0, 0.6, 0.3, 0.1], [1.0, 1.0, 0.999, 0.99])
     d = choose(steps)

@@ -41,7 +41,7 @@ import pytest
 import torch
 
 from potion.cli import main
-from potion.pipeline.configs import HealJob
+from potion.runs.configs import HealJob
 
 pytestmark = pytest.mark.slow
 

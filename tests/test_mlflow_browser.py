@@ -29,7 +29,7 @@ pytestmark = [
 
 def test_parent_run_shows_curve_metrics_children_and_logged_model(tmp_path):
     from potion.models import create_model
-    from potion.pipeline.tracking import SearchTracker
+    from potion.tracking.tracker import SearchTracker
     from potion.unlearning.ptn import StepResult
 
     trace = [StepResult(k=k, s=0.001 * 1.5**k, alpha=10.0 / (k + 1), lam=1.0, n_selected=10 * (k + 1),

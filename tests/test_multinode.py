@@ -38,7 +38,7 @@ def cluster():
     import ray
     from ray.cluster_utils import Cluster
 
-    from potion.pipeline import ray_runtime
+    from potion.distributed import runtime as ray_runtime
 
     ray_runtime.shutdown_if_owned()
     c = Cluster(initialize_head=True, connect=False,
@@ -74,9 +74,9 @@ def slowed_trial(inner, started: Path, victim: str | None, pause: float = 2.0):
 def test_a_heal_on_three_nodes_spreads_the_work_and_survives_losing_one(cluster, run_dir, tmp_path):
     from ray import cloudpickle
 
-    from potion.pipeline import ray_search
-    from potion.pipeline.configs import HealJob
-    from potion.pipeline.heal import run_heal
+    from potion.distributed import search as ray_search
+    from potion.runs.configs import HealJob
+    from potion.heal.run import run_heal
     from potion.unlearning.ptn import PTNConfig
 
     c, nodes = cluster

@@ -186,7 +186,7 @@ def test_importance_cache_key_records_the_transform(in_case, tmp_path, capsys):
 
 def test_image_size_resizes_the_stored_images(in_case, capsys):
     from potion.datasets.stored import stored_view
-    from potion.pipeline.heal_inputs import OwnerSource
+    from potion.heal.inputs import OwnerSource
 
     source = OwnerSource(model="mynet_owner.py:MyNet", weights="weights.pt", dataset="parquet",
                          data_args={"root": "data"}, mean=[0.3], std=[0.4], image_size=32)

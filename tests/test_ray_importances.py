@@ -14,8 +14,8 @@ import ray
 from potion.datasets import ArraySource, LabeledView
 from potion.errors import PotionError
 from potion.models import create_model, model_from_state
-from potion.pipeline import ray_runtime
-from potion.pipeline.ray_importances import combine_sums, shard_bounds, sharded_importances
+from potion.distributed import runtime as ray_runtime
+from potion.distributed.importances import combine_sums, shard_bounds, sharded_importances
 from potion.unlearning.importances import compute_importances
 
 KWARGS = dict(num_classes=3, in_channels=1, image_size=8, width=4)
@@ -187,7 +187,7 @@ def test_sharded_on_gpu_matches_cpu(ray_local, data):
 
 @pytest.mark.parametrize("sample", ["share", "auto"])
 def test_sharded_and_single_process_sampled_passes_agree(ray_local, data, sample):
-    from potion.pipeline.ray_importances import sharded_importance_sums
+    from potion.distributed.importances import sharded_importance_sums
     from potion.unlearning.importances import importance_sums
     from potion.unlearning.sampling import AutoConfig, RetainSample, sampled_pass
 

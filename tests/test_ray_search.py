@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from potion.errors import PotionError
-from potion.pipeline.ray_search import (
+from potion.distributed.search import (
     PTNSearcher,
     make_payload,
     make_ray_search,
@@ -133,7 +133,7 @@ def test_payload_is_numpy_and_rebuilds_the_same_evaluator(problem):
     arrays = list(payload.state0.values()) + list(payload.imp_f.values()) + list(payload.imp_r.values())
     arrays += [a for b in payload.forget_batches + payload.val_batches for a in b]
     assert all(isinstance(a, np.ndarray) for a in arrays)
-    from potion.pipeline.ray_search import build_evaluator
+    from potion.distributed.search import build_evaluator
 
     a, b = build_evaluator(payload), p["evaluator"]()
     assert a.acc0 == b.acc0
@@ -146,7 +146,7 @@ def test_payload_is_numpy_and_rebuilds_the_same_evaluator(problem):
 # ---------------------------------------------------------------- with Ray
 @pytest.fixture(scope="module")
 def ray_local():
-    from potion.pipeline import ray_runtime
+    from potion.distributed import runtime as ray_runtime
 
     ray_runtime.connect(None, num_cpus=2)
     yield
@@ -179,7 +179,7 @@ def problem():
 def test_ray_window_search_matches_local_linear_and_logs_children(ray_local, problem, tmp_path, capsys):
     from mlflow import MlflowClient
 
-    from potion.pipeline.tracking import SearchTracker
+    from potion.tracking.tracker import SearchTracker
 
     cfg = problem["cfg"]
     local = ptn_search(problem["evaluator"](), cfg)
@@ -219,7 +219,7 @@ def test_ray_window_search_matches_local_linear_and_logs_children(ray_local, pro
     runs = c.search_runs([c.get_experiment_by_name("ray-search").experiment_id])
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent]
     assert len(runs) == 1 + got.evaluations and len(children) == got.evaluations
-    from potion.pipeline.tracking import step_fields
+    from potion.tracking.tracker import step_fields
 
     for r in children:
         step = by_k[int(r.data.metrics["k"])]

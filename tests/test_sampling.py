@@ -135,9 +135,9 @@ def tiny_run(tmp_path_factory):
 
 
 def _importance_fn(run_dir, cache_dir, **job):
-    from potion.pipeline.configs import HealJob
-    from potion.pipeline.heal import make_importance_fn
-    from potion.pipeline.heal_inputs import RunSource
+    from potion.runs.configs import HealJob
+    from potion.heal.run import make_importance_fn
+    from potion.heal.inputs import RunSource
 
     inputs = RunSource(run_dir).load()
     job = HealJob(cache_dir=str(cache_dir), importance_batch_size=64, **job)
@@ -181,8 +181,8 @@ def test_full_sample_equals_the_paper_pass_exactly_and_cache_keeps_samples_apart
 
 
 def test_heal_records_the_sample_and_reads_theta0_metrics_from_the_run(tiny_run, tmp_path):
-    from potion.pipeline.configs import HealJob
-    from potion.pipeline.heal import run_heal
+    from potion.runs.configs import HealJob
+    from potion.heal.run import run_heal
 
     base = dict(method="xlf_ptn", tracking_uri="none", cache_dir="none", importance_batch_size=64,
                 on_no_crossing="keep")

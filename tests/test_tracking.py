@@ -9,7 +9,7 @@ import torch
 
 from potion.errors import PotionError
 from potion.models import create_model, load_checkpoint, save_checkpoint
-from potion.pipeline.tracking import (
+from potion.tracking.tracker import (
     CURVE_PREFIX,
     EXPERIMENT_KIND,
     EXPERIMENT_KIND_TAG,

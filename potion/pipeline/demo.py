@@ -1,45 +1,4 @@
-"""``potion demo``: the whole pipeline on the embedded digits data, on one machine.
+"""Deprecated alias (see ``potion.pipeline.MOVED`` for where it went); removed in the next release."""
+from potion.pipeline import alias
 
-Poison ``digits`` with a badnet trigger, train a narrow ResNet-9, draw a deletion set of a
-third of the poison, search α with Ray Tune (local cluster) under the damage guard, log
-everything to MLflow and print the before/after table.
-"""
-from __future__ import annotations
-
-import time
-from pathlib import Path
-
-from potion.io import check_output_dir
-from potion.pipeline.configs import HealJob, TrainJob
-from potion.pipeline.heal import run_heal
-from potion.pipeline.report import METRIC_COLUMNS, format_table, guard_lines, heal_rows
-from potion.pipeline.tracking import ui_command
-from potion.pipeline.train import run_train
-
-
-def run_demo(out: str | Path = "runs/demo", *, overwrite: bool = False, smoke: bool = False,
-             backend: str = "ray", progress: bool = True) -> dict:
-    out = check_output_dir(out, overwrite).resolve()
-    t0 = time.perf_counter()
-    train_job = TrainJob()
-    if smoke:
-        train_job.recipe.iterations = 150
-    print(f"[1/2] training {train_job.model.name} on poisoned digits ({train_job.recipe.iterations} iterations)")
-    metrics = run_train(train_job, out / "train", overwrite=overwrite, progress=progress)
-    print(f"      clean_acc={metrics['clean_acc']:.4f}  asr={metrics['asr']:.4f}  ({metrics['train_seconds']:.0f} s)")
-
-    db = out / "mlflow.db"
-    heal_job = HealJob(method="xlf_ptn_guard", backend=backend, val_size=200, num_cpus=2,
-                       tracking_uri=f"sqlite:///{db}", experiment="potion-demo", cache_dir="none")
-    print(f"[2/2] healing with XLF + PTN and the damage guard on the {backend} backend "
-          "(deletion set: 30 % of the poison)")
-    report = run_heal(out / "train", heal_job, out / "heal", share=0.3, overwrite=overwrite, progress=progress)
-    print()
-    print(format_table(heal_rows(report), METRIC_COLUMNS) + guard_lines(report))
-    print(f"\nk*={report['k_star']}  alpha={report['alpha']:.4g}  PTN evaluations={len(report['trace'])}"
-          f"  total {time.perf_counter() - t0:.0f} s")
-    print(f"healed model: {out / 'heal' / 'model.pt'}")
-    mlf = report.get("mlflow") or {}
-    command, url = ui_command(f"sqlite:///{db}", mlf.get("experiment_id"), mlf.get("parent_run_id"))
-    print(f"MLflow UI:    {command}\n      then open {url}")
-    return report
+__getattr__ = alias(__name__)
