@@ -17,7 +17,8 @@ import json
 from pathlib import Path
 
 from potion.unlearning.guard import GuardConfig, guard_choose
-from potion.unlearning.ptn import ProxyBase, StepResult
+from potion.unlearning.proxy import ProxyBase
+from potion.unlearning.ptn import StepResult
 
 # With no target-labelled part and acc 0, proxy_damage(r) = 100 · acc_proxy: the recorded
 # damage of a step is replayed exactly by setting acc_proxy = damage / 100.

@@ -23,11 +23,12 @@ import torch
 
 from potion.datasets import draw_deletion_set
 from potion.metrics import model_damage, poison_healed
-from potion.heal.run import draw_proxy
+from potion.heal.sets import draw_proxy
 from potion.runs.folder import load_run
 from potion.unlearning.guard import GuardConfig, guard_choose
 from potion.unlearning.importances import compute_importances
-from potion.unlearning.ptn import PTNConfig, StepEvaluator
+from potion.unlearning.evaluator import StepEvaluator
+from potion.unlearning.ptn import PTNConfig
 
 
 def main() -> None:

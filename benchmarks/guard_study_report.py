@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from potion.unlearning.guard import GuardConfig, estimate_poison_share, proxy_damage
-from potion.unlearning.ptn import ProxyBase, StepResult
+from potion.unlearning.proxy import ProxyBase
+from potion.unlearning.ptn import StepResult
 
 
 def fmt(v, f="{:.1f}"):

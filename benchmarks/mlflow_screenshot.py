@@ -45,7 +45,7 @@ def free_port() -> int:
 
 
 def start_ui(uri: str, port: int, log: Path) -> subprocess.Popen:
-    from potion.tracking.tracker import mlflow_executable
+    from potion.tracking.store import mlflow_executable
 
     cmd = [*mlflow_executable(), "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)]
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -215,7 +215,7 @@ def check_pages(folder: Path, shots: Path, browser: str, png: Path | None = None
     """Serve the store of the heal in ``folder``, render its pages, return (check, passed)."""
     from mlflow import MlflowClient
 
-    from potion.tracking.tracker import ui_url
+    from potion.tracking.store import ui_url
 
     uri, mlf = find_store(folder)
     eid, rid = mlf["experiment_id"], mlf["parent_run_id"]

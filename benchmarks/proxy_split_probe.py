@@ -15,7 +15,7 @@ import argparse
 import numpy as np
 import torch
 
-from potion.heal.run import draw_proxy, select_deletion_set
+from potion.heal.sets import draw_proxy, select_deletion_set
 from potion.heal.inputs import RunSource
 from potion.heal.report import format_table
 from potion.unlearning.proxy_split import penultimate_features, poison_like

@@ -30,7 +30,8 @@ def tiny_problem(iterations: int, step: float, max_steps: int, seed: int = 0):
     from potion.models import create_model
     from potion.training import TrainRecipe, train_model
     from potion.unlearning.importances import compute_importances
-    from potion.unlearning.ptn import PTNConfig, StepEvaluator
+    from potion.unlearning.evaluator import StepEvaluator
+    from potion.unlearning.ptn import PTNConfig
 
     torch.manual_seed(seed)
     splits = load_dataset("digits")

@@ -78,7 +78,7 @@ def heal_model(
         raise PotionError(f"heal_model needs samples in both sets; got {n_forget} to delete and {n_retain} to retain")
     cfg = ptn or PTNConfig()
     model.to(device)
-    from potion.heal.run import GUARDED
+    from potion.heal.sets import GUARDED
 
     ctx = HealContext(
         model=model, state0={k: v.detach().clone() for k, v in model.state_dict().items()},
@@ -180,7 +180,8 @@ def _count(batches: Iterable) -> int:
 
 
 def _log(uri: str, experiment: str, report: dict) -> None:
-    from potion.tracking.tracker import SearchTracker, check_tracking
+    from potion.tracking.store import check_tracking
+    from potion.tracking.tracker import SearchTracker
 
     check_tracking(uri)
     params = {"method": report["method"], "backend": report["backend"], "n_forget": report["n_forget"],

@@ -172,7 +172,7 @@ def cmd_heal(args) -> int:
     print(f"healed model: {Path(args.out) / 'model.pt'}\nreport: {Path(args.out) / 'report.json'}")
     mlf = report.get("mlflow")
     if mlf and mlf.get("tracking_uri", "").startswith("sqlite:"):
-        from potion.tracking.tracker import ui_command
+        from potion.tracking.store import ui_command
 
         command, url = ui_command(mlf["tracking_uri"], mlf.get("experiment_id"), mlf.get("parent_run_id"))
         print(f"MLflow UI: {command}\n  then open {url}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import random
 from typing import Callable
 
-from potion.distributed.search import PTNSearcher
+from potion.distributed.searcher import PTNSearcher
 
 
 def drive(searcher: PTNSearcher, result_of: Callable[[int], dict], window: int, seed: int,

@@ -244,7 +244,7 @@ def test_guarded_default_with_the_automatic_batch_size(run_dir, tmp_path, capsys
     assert g["damage"][str(rep["k_star"])] >= -g["max_damage"] and g["reason"]
     assert rep["after"]["poison_healed"] > rep["before_poison_healed"] + 30  # it heals
     # the proxy is the seeded slice of Dr: no deletion-set index, and the test split is another source
-    from potion.heal.run import draw_proxy
+    from potion.heal.sets import draw_proxy
     from potion.unlearning.cache import hash_arrays
 
     deletion = pq.read_table(out / "deletion_set.parquet").column("index").to_numpy()

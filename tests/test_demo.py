@@ -21,7 +21,8 @@ def test_demo_smoke_runs_end_to_end(tmp_path, capsys):
 
     from potion.models import load_checkpoint
     from potion.heal.report import before_after_metrics
-    from potion.tracking.tracker import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, step_fields
+    from potion.tracking.steps import step_fields
+    from potion.tracking.store import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
 
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--smoke", "--quiet"]) == 0  # no --backend: what `make demo` runs

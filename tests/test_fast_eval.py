@@ -8,7 +8,7 @@ import torch
 import potion.metrics as metrics
 from potion.datasets import ArraySource, LabeledView
 from potion.models import create_model
-from potion.unlearning.ptn import StepEvaluator
+from potion.unlearning.evaluator import StepEvaluator
 
 KWARGS = dict(num_classes=3, in_channels=1, image_size=8, width=4)
 

@@ -174,9 +174,10 @@ def _payload_and_local(problem, marker: Path | None):
     import functools
 
     from potion.models import create_model
-    from potion.distributed.search import payload_from_evaluator
+    from potion.distributed.trials import payload_from_evaluator
     from potion.unlearning.importances import compute_importances
-    from potion.unlearning.ptn import PTNConfig, StepEvaluator, ptn_search
+    from potion.unlearning.evaluator import StepEvaluator
+    from potion.unlearning.ptn import PTNConfig, ptn_search
 
     model, kwargs, view, deletion, retain = problem
     forget = list(view.subset(deletion).batches(32))
@@ -327,7 +328,7 @@ def test_an_interrupted_search_leaves_no_mlflow_run_running(tmp_path):
 def test_searcher_survives_dead_trials_in_any_order():
     """Without Ray: trials die at random (once each, at most), the window search still
     returns linear's k* and measures every k below it."""
-    from potion.distributed.search import PTNSearcher
+    from potion.distributed.searcher import PTNSearcher
     from searcher_driver import acc_result, drive
 
     rng = np.random.default_rng(0)

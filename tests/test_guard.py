@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from potion.errors import PotionError
-from potion.heal.run import draw_proxy
+from potion.heal.sets import draw_proxy
 from potion.unlearning.batch_size import auto_batch_size, resolve_batch_size
 from potion.unlearning.guard import (
     GuardConfig,
@@ -23,7 +23,9 @@ from potion.unlearning.importances import compute_importances
 from potion.unlearning.proxy_split import penultimate_features, poison_like
 from toy_backdoor import backdoored_mlp
 from potion.unlearning.methods import HealContext, heal
-from potion.unlearning.ptn import PTNConfig, ProxyBase, StepEvaluator, StepResult, ptn_search
+from potion.unlearning.evaluator import StepEvaluator
+from potion.unlearning.proxy import ProxyBase
+from potion.unlearning.ptn import PTNConfig, StepResult, ptn_search
 
 # A proxy of 1000 samples, 100 of them target-labelled, all right at θ0.
 BASE = ProxyBase(acc=1.0, acc_target=1.0, acc_other=1.0, n=1000, n_target=100)
@@ -257,7 +259,8 @@ def test_auto_batch_size_and_an_explicit_one_wins():
 def test_mlflow_and_the_plot_show_the_proxy_delta_and_why(tmp_path):
     from mlflow import MlflowClient
 
-    from potion.tracking.tracker import SearchTracker, tradeoff_figure
+    from potion.tracking.plots import tradeoff_figure
+    from potion.tracking.tracker import SearchTracker
 
     steps = curve([1.0, 0.6, 0.3, 0.1], [1.0, 1.0, 0.999, 0.99])
     d = choose(steps)

@@ -10,11 +10,11 @@ import torch
 from potion.errors import PotionError
 from potion.unlearning.dampening import alpha_from_share, dampen, importance_ratios
 from potion.unlearning.importances import compute_importances
+from potion.unlearning.evaluator import StepEvaluator
 from potion.unlearning.ptn import (
     NothingToHeal,
     PTNConfig,
     PTNNoCrossing,
-    StepEvaluator,
     StepResult,
     ptn_search,
     share_at_step,

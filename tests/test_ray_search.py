@@ -14,14 +14,11 @@ import pytest
 import torch
 
 from potion.errors import PotionError
-from potion.distributed.search import (
-    PTNSearcher,
-    make_payload,
-    make_ray_search,
-    payload_from_evaluator,
-    ray_ptn_search,
-)
-from potion.unlearning.ptn import PTNConfig, PTNNoCrossing, StepEvaluator, StepResult, ptn_search
+from potion.distributed.search import make_ray_search, ray_ptn_search
+from potion.distributed.searcher import PTNSearcher
+from potion.distributed.trials import make_payload, payload_from_evaluator
+from potion.unlearning.evaluator import StepEvaluator
+from potion.unlearning.ptn import PTNConfig, PTNNoCrossing, StepResult, ptn_search
 from searcher_driver import acc_result, drive
 from toy_backdoor import digits_resnet
 
@@ -133,7 +130,7 @@ def test_payload_is_numpy_and_rebuilds_the_same_evaluator(problem):
     arrays = list(payload.state0.values()) + list(payload.imp_f.values()) + list(payload.imp_r.values())
     arrays += [a for b in payload.forget_batches + payload.val_batches for a in b]
     assert all(isinstance(a, np.ndarray) for a in arrays)
-    from potion.distributed.search import build_evaluator
+    from potion.distributed.trials import build_evaluator
 
     a, b = build_evaluator(payload), p["evaluator"]()
     assert a.acc0 == b.acc0
@@ -219,7 +216,7 @@ def test_ray_window_search_matches_local_linear_and_logs_children(ray_local, pro
     runs = c.search_runs([c.get_experiment_by_name("ray-search").experiment_id])
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent]
     assert len(runs) == 1 + got.evaluations and len(children) == got.evaluations
-    from potion.tracking.tracker import step_fields
+    from potion.tracking.steps import step_fields
 
     for r in children:
         step = by_k[int(r.data.metrics["k"])]

@@ -136,7 +136,7 @@ def tiny_run(tmp_path_factory):
 
 def _importance_fn(run_dir, cache_dir, **job):
     from potion.runs.configs import HealJob
-    from potion.heal.run import make_importance_fn
+    from potion.heal.importances import make_importance_fn
     from potion.heal.inputs import RunSource
 
     inputs = RunSource(run_dir).load()

@@ -9,21 +9,17 @@ import torch
 
 from potion.errors import PotionError
 from potion.models import create_model, load_checkpoint, save_checkpoint
-from potion.tracking.tracker import (
-    CURVE_PREFIX,
+from potion.tracking.plots import curve_fields, tradeoff_figure
+from potion.tracking.steps import child_run_name
+from potion.tracking.store import (
     EXPERIMENT_KIND,
     EXPERIMENT_KIND_TAG,
-    PLOT_FILE,
-    SearchTracker,
-    child_run_name,
-    curve_fields,
-    tradeoff_figure,
-    ui_command,
     check_tracking,
     default_artifact_root,
     default_tracking_uri,
-    flatten_params,
+    ui_command,
 )
+from potion.tracking.tracker import CURVE_PREFIX, PLOT_FILE, SearchTracker, flatten_params
 from potion.unlearning.ptn import StepResult
 
 

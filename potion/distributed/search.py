@@ -25,19 +25,23 @@ import os
 import tempfile
 import time
 import uuid
-import warnings
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
-import numpy as np
 import torch
-from ray.tune.search import Searcher
 
+from potion.distributed.searcher import PTNSearcher
+from potion.distributed.trials import (
+    SearchPayload,
+    build_evaluator,
+    payload_from_evaluator,
+    ptn_trial,
+    result_from_metrics,
+)
 from potion.errors import PotionError
+from potion.unlearning.evaluator import StepEvaluator
 from potion.unlearning.ptn import (
     PTNConfig,
     PTNResult,
-    StepEvaluator,
     StepResult,
     crossing_threshold,
     describe_step,
@@ -48,289 +52,11 @@ from potion.unlearning.ptn import (
 )
 from potion.progress import progress_bar
 
-METRICS = ("k", "s", "alpha", "lam", "n_selected", "acc_forget", "acc_val", "acc_proxy", "acc_proxy_target",
-           "acc_proxy_other")
 # A trial is a pure function of k, so a trial whose worker died (killed, OOM, node lost)
 # simply runs again: Tune restarts it TRIAL_RETRIES times, then the searcher proposes the
 # same k once more in a fresh trial. An exception inside the trial is deterministic and is
 # reported as the trial's result instead, so it is never retried.
 TRIAL_RETRIES = 3
-REPROPOSALS = 1
-
-
-# ---------------------------------------------------------------- the payload
-@dataclass
-class SearchPayload:
-    """Everything a trial needs to rebuild the evaluator, as numpy (zero-copy in Ray).
-
-    The model is rebuilt with ``create_model(model_name, **model_kwargs)`` or, when given,
-    ``model_factory()`` (a picklable callable; the state θ0 is loaded afterwards).
-    """
-
-    model_name: str | None
-    model_kwargs: dict
-    state0: dict[str, np.ndarray]
-    state_dtypes: dict[str, str]
-    imp_f: dict[str, np.ndarray]
-    imp_r: dict[str, np.ndarray]
-    forget_batches: list[tuple[np.ndarray, np.ndarray]]
-    val_batches: list[tuple[np.ndarray, np.ndarray]] | None
-    n_forget: int
-    n_total: int
-    config: PTNConfig
-    model_factory: Callable[[], torch.nn.Module] | None = None
-    proxy_batches: list[tuple[np.ndarray, np.ndarray]] | None = None
-    token: str = field(default_factory=lambda: uuid.uuid4().hex)
-
-
-def _np(t: torch.Tensor) -> np.ndarray:
-    t = t.detach().cpu()
-    if t.dtype == torch.bfloat16:
-        t = t.float()  # numpy has no bfloat16; bf16 → fp32 → bf16 is exact
-    return t.contiguous().numpy()
-
-
-def _batches_np(batches: Iterable) -> list[tuple[np.ndarray, np.ndarray]]:
-    return [(_np(b[0]), _np(b[1])) for b in batches]
-
-
-def make_payload(
-    *,
-    state0: Mapping[str, torch.Tensor],
-    imp_f: Mapping[str, torch.Tensor],
-    imp_r: Mapping[str, torch.Tensor],
-    forget_batches: Iterable,
-    n_forget: int,
-    n_total: int,
-    config: PTNConfig,
-    val_batches: Iterable | Callable[[], Iterable] | None = None,
-    model_name: str | None = None,
-    model_kwargs: Mapping[str, Any] | None = None,
-    model_factory: Callable[[], torch.nn.Module] | None = None,
-    proxy_batches: Iterable | None = None,
-) -> SearchPayload:
-    if model_name is None and model_factory is None:
-        raise PotionError("the Ray PTN search needs a model name (with its kwargs) or a model_factory to rebuild the model in trials")
-    if callable(val_batches):
-        val_batches = val_batches()
-    return SearchPayload(
-        model_name=model_name,
-        model_kwargs=dict(model_kwargs or {}),
-        state0={n: _np(t) for n, t in state0.items()},
-        state_dtypes={n: str(t.dtype).removeprefix("torch.") for n, t in state0.items()},
-        imp_f={n: _np(t) for n, t in imp_f.items()},
-        imp_r={n: _np(t) for n, t in imp_r.items()},
-        forget_batches=_batches_np(forget_batches),
-        val_batches=None if val_batches is None else _batches_np(val_batches),
-        n_forget=int(n_forget),
-        n_total=int(n_total),
-        config=config,
-        model_factory=model_factory,
-        proxy_batches=None if proxy_batches is None else _batches_np(proxy_batches),
-    )
-
-
-def payload_from_evaluator(evaluator: StepEvaluator, config: PTNConfig | None = None, **model_spec) -> SearchPayload:
-    """The payload for the inputs a local :class:`StepEvaluator` holds."""
-    return make_payload(
-        state0=evaluator.state0, imp_f=evaluator.imp_f, imp_r=evaluator.imp_r,
-        forget_batches=evaluator.forget_batches, n_forget=evaluator.n_forget, n_total=evaluator.n_total,
-        config=config or evaluator.config, val_batches=evaluator.val_batches,
-        proxy_batches=evaluator.proxy_batches, **model_spec,
-    )
-
-
-def _tensor(a: np.ndarray) -> torch.Tensor:
-    # Arrays from the object store are read-only views of shared memory; the evaluator
-    # clones θ0 and only reads the rest, so sharing them is safe. torch warns regardless.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(a)
-
-
-def build_evaluator(payload: SearchPayload, device: str = "cpu") -> StepEvaluator:
-    """The evaluator a trial uses: the same class and inputs as the local search."""
-    if payload.model_factory is not None:
-        model = payload.model_factory()
-    else:
-        from potion.models import create_model
-
-        model = create_model(payload.model_name, **payload.model_kwargs)
-    state0 = {n: _tensor(a).to(getattr(torch, payload.state_dtypes[n])) for n, a in payload.state0.items()}
-    conv = lambda bs: [(_tensor(x), _tensor(y)) for x, y in bs]  # noqa: E731
-    return StepEvaluator(
-        model, state0,
-        {n: _tensor(a) for n, a in payload.imp_f.items()},
-        {n: _tensor(a) for n, a in payload.imp_r.items()},
-        conv(payload.forget_batches), payload.n_forget, payload.n_total, payload.config,
-        val_batches=None if payload.val_batches is None else conv(payload.val_batches),
-        device=device,
-        proxy_batches=None if payload.proxy_batches is None else conv(payload.proxy_batches),
-    )
-
-
-# ---------------------------------------------------------------- the trial
-_CACHE: dict[str, Any] = {}
-
-
-def _cached_evaluator(payload: SearchPayload) -> StepEvaluator:
-    """One evaluator per worker process and search (reused actors keep it)."""
-    if _CACHE.get("token") != payload.token:
-        _CACHE.clear()
-        import ray
-
-        device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
-        _CACHE["evaluator"] = build_evaluator(payload, device)
-        _CACHE["token"] = payload.token
-    return _CACHE["evaluator"]
-
-
-def ptn_trial(config: dict, payload: SearchPayload) -> None:
-    """Tune trainable: evaluate one step k and report its StepResult (and the node it ran on)."""
-    import ray
-    from ray import tune
-
-    node = ray.get_runtime_context().get_node_id()
-    try:
-        result = _cached_evaluator(payload).evaluate(int(config["k"]))
-    except Exception as e:  # noqa: BLE001 — deterministic: report it rather than have Tune retry it
-        # Tune insists on the searcher's metric in every result: NaN, never a number
-        tune.report({"k": int(config["k"]), "acc_forget": float("nan"), "error": f"{type(e).__name__}: {_short(e)}",
-                     "node": node})
-        return
-    tune.report({**{k: v for k, v in result.to_dict().items() if v is not None}, "node": node})
-
-
-# ---------------------------------------------------------------- the searcher
-class PTNSearcher(Searcher):
-    """Proposes PTN steps k; see the module docstring for the two strategies."""
-
-    def __init__(self, threshold: float, max_steps: int, window: int, strategy: str = "waves",
-                 on_result: Callable[[StepResult], None] | None = None, reproposals: int = REPROPOSALS):
-        super().__init__(metric="acc_forget", mode="min")
-        self.on_result = on_result  # called on the driver as each step's result arrives
-        self.reproposals = int(reproposals)
-        if strategy == "bracket":
-            strategy = "waves"  # in parallel, waves of the window give linear's exact k* at once
-        if strategy not in ("linear", "waves", "bisect"):
-            raise PotionError(f"unknown PTN strategy '{strategy}'; use linear, waves or bisect")
-        if window < 1:
-            raise PotionError(f"the PTN window must be at least 1, got {window}")
-        self.threshold = float(threshold)
-        self.max_steps = int(max_steps)
-        self.window = int(window)
-        self.bisect = strategy == "bisect"
-        self.results: dict[int, StepResult] = {}
-        self.pending: dict[str, int] = {}  # trial id → k
-        self.proposed: list[int] = []
-        self.nodes: dict[int, str] = {}  # k → the Ray node that measured it
-        self.failed: str | None = None
-        self.retry: list[int] = []  # ks whose trial died: proposed again before anything new
-        self.reproposed: dict[int, int] = {}
-        self.done = False
-        self._next_k = 0  # sliding window: the next k to propose
-        self._queue: list[int] = []  # bisect: this round's ks still to hand out
-        self._gallop_j = 0
-
-    def __getstate__(self) -> dict:
-        # Tune pickles the searcher into its experiment state; the progress callback
-        # holds an output stream, which does not pickle and would mean nothing restored.
-        return {**self.__dict__, "on_result": None}
-
-    # -- Tune's interface ---------------------------------------------------------
-    def suggest(self, trial_id: str):
-        if self.done or self.failed:
-            return Searcher.FINISHED
-        k = self.retry.pop(0) if self.retry else (self._next_bisect() if self.bisect else self._next_window())
-        if k == Searcher.FINISHED:
-            self.done = True
-            return Searcher.FINISHED
-        if k is None:
-            return None
-        self.pending[trial_id] = k
-        self.proposed.append(k)
-        return {"k": k}
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        k = self.pending.pop(trial_id, None)
-        if k is None:
-            return
-        if result and result.get("error"):
-            self.failed = f"the trial for k={k} failed: {result['error']}"
-            return
-        if error or not result or "acc_forget" not in result:
-            # The worker died (Tune's own retries are spent): a pure function of k, so run it again.
-            if self.reproposed.get(k, 0) < self.reproposals:
-                self.reproposed[k] = self.reproposed.get(k, 0) + 1
-                self.retry.append(k)
-                return
-            self.failed = f"the trial for k={k} failed"
-            return
-        self.results[k] = result_from_metrics(result)
-        if result.get("node"):
-            self.nodes[k] = str(result["node"])
-        if self.on_result is not None:
-            self.on_result(self.results[k])
-
-    # -- helpers ------------------------------------------------------------------
-    def crossing(self) -> StepResult | None:
-        return smallest_crossing(self.results.values(), self.threshold)
-
-    def _next_window(self):
-        open_ks = [*self.pending.values(), *self.retry]
-        hit = self.crossing()
-        if hit is not None:
-            # Everything below hit.k was proposed (proposals are consecutive); wait for it.
-            return None if any(k < hit.k for k in open_ks) else Searcher.FINISHED
-        if self._next_k > self.max_steps:
-            return None if open_ks else Searcher.FINISHED
-        lowest_open = min(open_ks, default=self._next_k)
-        if self._next_k >= lowest_open + self.window:
-            return None
-        k, self._next_k = self._next_k, self._next_k + 1
-        return k
-
-    def _next_bisect(self):
-        if self._queue:
-            return self._queue.pop(0)
-        if self.pending or self.retry:
-            return None  # rounds: the next points depend on all of this round's results
-        self._queue = self._plan_round()
-        return self._queue.pop(0) if self._queue else Searcher.FINISHED
-
-    def _plan_round(self) -> list[int]:
-        hit = self.crossing()
-        if hit is None:
-            if self.max_steps in self.results:
-                return []  # galloped to max_steps without a crossing
-            ks: list[int] = []
-            while len(ks) < self.window:
-                k = min(2**self._gallop_j - 1, self.max_steps)
-                self._gallop_j += 1
-                if k not in self.results and k not in ks:
-                    ks.append(k)
-                if k == self.max_steps:
-                    break
-            return ks
-        hi = hit.k
-        lo = max((k for k, r in self.results.items() if k < hi and r.acc_forget > self.threshold), default=-1)
-        inside = hi - lo - 1  # candidates strictly between lo and hi
-        if inside <= 0:
-            return []
-        if inside <= self.window:
-            return [k for k in range(lo + 1, hi) if k not in self.results]
-        pts = sorted({lo + (i * (hi - lo)) // (self.window + 1) for i in range(1, self.window + 1)})
-        return [k for k in pts if lo < k < hi and k not in self.results]
-
-
-def result_from_metrics(m: Mapping[str, Any]) -> StepResult:
-    return StepResult(
-        k=int(m["k"]), s=float(m["s"]), alpha=float(m["alpha"]), lam=float(m.get("lam", 1.0)),
-        n_selected=int(m["n_selected"]), acc_forget=float(m["acc_forget"]),
-        acc_val=None if m.get("acc_val") is None else float(m["acc_val"]),
-        **{key: None if m.get(key) is None else float(m[key])
-           for key in ("acc_proxy", "acc_proxy_target", "acc_proxy_other")},
-    )
 
 
 # ---------------------------------------------------------------- the search
@@ -508,8 +234,3 @@ def _recovery_counter_class():
 
 def _RecoveryCounter():
     return _recovery_counter_class()()
-
-
-def _short(err: BaseException) -> str:
-    lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else "(no message)"

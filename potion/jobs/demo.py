@@ -13,7 +13,7 @@ from potion.io import check_output_dir
 from potion.runs.configs import HealJob, TrainJob
 from potion.heal.run import run_heal
 from potion.heal.report import METRIC_COLUMNS, format_table, guard_lines, heal_rows
-from potion.tracking.tracker import ui_command
+from potion.tracking.store import ui_command
 from potion.jobs.train import run_train
 
 

@@ -12,13 +12,13 @@ from potion.unlearning.dampening import (
     percentile_for_share,
 )
 from potion.unlearning.importances import ESTIMATORS, compute_importances, importance_sums
+from potion.unlearning.evaluator import StepEvaluator
 from potion.unlearning.methods import METHODS, HealContext, HealResult, heal
 from potion.unlearning.ptn import (
     NothingToHeal,
     PTNConfig,
     PTNNoCrossing,
     PTNResult,
-    StepEvaluator,
     StepResult,
     ptn_search,
     share_at_step,

@@ -30,11 +30,11 @@ import torch
 from torch import nn
 
 from potion.errors import PotionError
+from potion.unlearning.proxy import ProxyBase
 from potion.unlearning.ptn import (
     PTNConfig,
     PTNNoCrossing,
     PTNResult,
-    ProxyBase,
     StepResult,
     crossing_threshold,
     no_crossing,

@@ -22,7 +22,8 @@ from potion.unlearning.dampening import dampen
 from potion.unlearning.guard import GuardConfig, guard_search
 from potion.unlearning.importances import compute_importances, importance_sums
 from potion.unlearning.sampling import RetainSample, SampledImportances, sampled_pass
-from potion.unlearning.ptn import PTNConfig, PTNResult, StepEvaluator, ptn_search
+from potion.unlearning.evaluator import StepEvaluator
+from potion.unlearning.ptn import PTNConfig, PTNResult, ptn_search
 
 Tensor = torch.Tensor
 StateDict = dict[str, Tensor]
