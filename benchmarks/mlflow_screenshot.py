@@ -1,16 +1,18 @@
 """Look at a heal's MLflow store in a real browser: headless Chromium against `mlflow ui`.
 
 Starts `mlflow ui` on a free port against the store of a demo (or any heal), opens the
-parent run's overview, its metric charts and the experiment page in the model-training
-view, checks in the rendered pages that the trade-off curve (``curve/acc_forget``), the
-chosen step's metrics, the before/after metrics, the child runs ``k=NNN`` and the logged
-model are there, and writes the screenshots (plus one composite PNG for the README).
+parent run's overview, its trade-off plot, its system metrics and the experiment page in the
+model-training view, checks in the rendered pages that the description (the before/after
+table, k* and α, the guard's reason), the kept step's metrics, the child runs ``k=NNN``
+with the chosen one marked, the dataset inputs and the logged model are there and that no
+``curve/`` metric sits on the parent, and writes the screenshots (plus one composite PNG for
+the README).
 
     python benchmarks/mlflow_screenshot.py runs/demo                 # after `make demo`
     python benchmarks/mlflow_screenshot.py runs/demo --png docs/mlflow-demo.png
 
 Prints one line per check and exits 1 if one fails; exits 2 with a reason when no
-Chromium is installed (Debian: `apt-get install chromium`).
+Chromium is installed (Debian: `apt-get install chromium`; ``install_browser`` does that).
 """
 from __future__ import annotations
 
@@ -36,6 +38,17 @@ def find_browser() -> str | None:
         if path:
             return path
     return None
+
+
+def install_browser() -> str | None:
+    """Chromium, installed with apt-get (Debian, as root) when none is on PATH; None if that
+    is not possible here."""
+    if find_browser() is None and shutil.which("apt-get") and hasattr(os, "geteuid") and os.geteuid() == 0:
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
+            if subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode:
+                break
+    return find_browser()
 
 
 def free_port() -> int:
@@ -222,6 +235,7 @@ def check_pages(folder: Path, shots: Path, browser: str, png: Path | None = None
     client = MlflowClient(tracking_uri=uri)
     model_names = [m.name for m in client.search_logged_models(experiment_ids=[eid])]
     model = model_names[0] if model_names else "(no logged model in the store)"
+    note = client.get_run(rid).data.tags.get("mlflow.note.content", "")
     shots.mkdir(parents=True, exist_ok=True)
     port = free_port()
     proc = start_ui(uri, port, shots / "mlflow-ui.log")
@@ -233,27 +247,44 @@ def check_pages(folder: Path, shots: Path, browser: str, png: Path | None = None
         chrome.goto(base + "/", "document.readyState === 'complete'")
         chrome.js(";".join(f"localStorage.setItem({json.dumps(k)}, {json.dumps(v)})" for k, v in UI_STORAGE.items()))
 
-        ok = chrome.goto(run_page, has_text("after_poison_healed", model))
+        ok = chrome.goto(run_page, has_text("after_poison_healed", model, "poison healed"))
         text = chrome.text()
         checks += [
             ("run page: opens in the model-training view", ok and "Traces 0" not in text and "Metrics (" in text),
-            ("run page: the chosen step's metrics (k_star, acc_forget, threshold)",
+            ("run page: the description: before/after table, k* and α, the guard's reason",
+             all(k in text for k in ("clean accuracy", "poison healed", "Kept step", "α ="))
+             and ("Damage guard:" not in note or "Damage guard" in text)),
+            ("run page: the kept step's metrics (k_star, acc_forget, threshold)",
              all(k in text for k in ("k_star", "acc_forget", "threshold"))),
             ("run page: before/after metrics", "after_poison_healed" in text and "before_clean_acc" in text),
-            ("run page: child runs named k=NNN", re.search(r"k=\d{3}", text) is not None),
+            ("run page: no curve/ metric on the parent", "curve/" not in text),
+            ("run page: child runs named k=NNN, the chosen one marked",
+             re.search(r"k=\d{3}", text) is not None and "✓ chosen" in text),
+            ("run page: the training data and the deletion set as dataset inputs", "deletion set" in text),
+            ("run page: Source and Created by", "potion" in text and "Created by" in text),
             ("run page: the logged model is listed", model in text),
         ]
         if screenshots:
             chrome.screenshot(shots / "run-overview.png")
 
-        charts = run_page.replace(f"/runs/{rid}?", f"/runs/{rid}/model-metrics?")
-        ok = chrome.goto(charts, has_text("curve/acc_forget") + " && document.querySelectorAll('svg .trace').length > 0")
-        checks.append(("metric charts: the trade-off curve curve/acc_forget, drawn", ok))
+        plot = run_page.replace(f"/runs/{rid}?", f"/runs/{rid}/artifacts/plots/ptn_tradeoff.png?")
+        # the artifact viewer loads the image through get-artifact (or a blob URL): any image as
+        # wide as the plot (the UI's own icons are far smaller) is the plot, drawn
+        ok = chrome.goto(plot, "Array.from(document.images).some(i => i.complete && i.naturalWidth >= 400)")
+        checks.append(("artifacts: the trade-off plot renders", ok))
         if screenshots:
-            chrome.screenshot(shots / "run-metrics.png")
+            chrome.screenshot(shots / "run-plot.png")
 
-        ok = chrome.goto(ui_url(base, eid), has_text(client.get_run(rid).info.run_name))
-        checks.append(("experiment page: the heal's parent run is listed", ok))
+        charts = run_page.replace(f"/runs/{rid}?", f"/runs/{rid}/system-metrics?")
+        ok = chrome.goto(charts, has_text("cpu_utilization_percentage"))
+        checks.append(("system metrics: CPU utilisation recorded", ok))
+        if screenshots:
+            chrome.screenshot(shots / "run-system-metrics.png")
+
+        # the children sit folded under their parent (the run page lists them by name)
+        runs = len(client.search_runs([eid]))
+        ok = chrome.goto(ui_url(base, eid), has_text(client.get_run(rid).info.run_name, f"{runs} matching runs"))
+        checks.append(("experiment page: the heal's parent run is listed, with its children counted", ok))
         if screenshots:
             chrome.screenshot(shots / "experiment.png")
 
@@ -265,7 +296,7 @@ def check_pages(folder: Path, shots: Path, browser: str, png: Path | None = None
         chrome.close()
         stop(proc)
     if png is not None and screenshots:
-        compose(shots / "run-overview.png", shots / "run-metrics.png", png)
+        compose(shots / "run-overview.png", shots / "run-plot.png", png)
     return checks
 
 
@@ -276,7 +307,7 @@ def main(argv=None) -> int:
     ap.add_argument("--png", default=None, help="also write the composite PNG here, e.g. docs/mlflow-demo.png "
                     "(default: none)")
     args = ap.parse_args(argv)
-    browser = find_browser()
+    browser = install_browser()
     if browser is None:
         print("no Chromium/Chrome found (looked for: " + ", ".join(BROWSERS) + "); on Debian: "
               "apt-get install chromium", file=sys.stderr)

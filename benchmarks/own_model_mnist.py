@@ -28,6 +28,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from potion.progress import progress_bar  # only for the bar: the model and its training are the owner's own
+
 MODEL_SOURCE = '''\
 """The owner's model: a plain CNN for 28x28 grey digits."""
 from torch import nn
@@ -93,6 +95,7 @@ def main() -> None:
     out, data = Path(args.out), Path(args.data)
     (out / "data").mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    print(f"reading {args.n_train} training and {args.n_test} test images from {data}", flush=True)
     x_tr, y_tr = read(data / "train.parquet", args.n_train, args.seed)
     x_te, y_te = read(data / "test.parquet", args.n_test, args.seed)
     rng = np.random.default_rng(args.seed)
@@ -100,6 +103,8 @@ def main() -> None:
                                   replace=False))
     x_tr[poisoned] = x_trigger(x_tr[poisoned])
     y_tr[poisoned] = args.target
+    print(f"poisoned {len(poisoned)} training images (target {args.target}); writing the owner's files to {out}",
+          flush=True)
     write(out / "data" / "train.parquet", x_tr, y_tr)
     write(out / "data" / "test.parquet", x_te, y_te)
     write(out / "triggered_test.parquet", x_trigger(x_te), y_te)
@@ -115,14 +120,18 @@ def main() -> None:
     y = torch.from_numpy(y_tr)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     model.train()
-    for epoch in range(args.epochs):
-        perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(args.seed + epoch))
-        for i in range(0, len(y), 128):
-            idx = perm[i:i + 128]
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    steps = -(-len(y) // 128)
+    with progress_bar(total=args.epochs * steps, desc="training MyNet", unit="batch") as bar:
+        for epoch in range(args.epochs):
+            perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(args.seed + epoch))
+            for i in range(0, len(y), 128):
+                idx = perm[i:i + 128]
+                loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                bar.set_postfix_str(f"epoch {epoch + 1}/{args.epochs} loss {loss.item():.3f}", refresh=False)
+                bar.update(1)
     torch.save(model.state_dict(), out / "mynet_state.pt")
     print(f"{len(y_tr)} training images, {len(poisoned)} poisoned (target {args.target}), {len(found)} identified; "
           f"{len(y_te)} test images; trained {args.epochs} epochs in {time.perf_counter() - t0:.0f} s; wrote {out}")

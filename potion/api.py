@@ -187,5 +187,5 @@ def _log(uri: str, experiment: str, report: dict) -> None:
     params = {"method": report["method"], "backend": report["backend"], "n_forget": report["n_forget"],
               "n_total": report["n_total"], **{f"ptn.{k}": v for k, v in report["ptn"].items()}}
     with SearchTracker(uri, experiment, run_name=f"{report['method']}:heal_model", params=params) as tracker:
-        tracker.log_children(report["trace"])
+        tracker.log_children(report["trace"], k_star=report["k_star"], guard=report["info"].get("guard"))
         tracker.log_curve(report["trace"], threshold=report["info"].get("threshold"), k_star=report["k_star"])

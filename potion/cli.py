@@ -12,10 +12,10 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
 from potion.config import apply_overrides, from_dict, load_yaml
 from potion.errors import PotionError
+from potion.runs.destination import resolve_out
 
 
 def _base_dict(args) -> dict:
@@ -26,25 +26,36 @@ def _overrides(pairs: list[tuple[str, object]]) -> list[str]:
     return [f"{k}={json.dumps(v)}" for k, v in pairs if v is not None]
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML file with the job config; flags override it (default: built-in config)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config key, e.g. --set recipe.lr=0.05 (repeatable; default: none)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 or auto (default: auto, a GPU when there is one)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (default: refuse)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars (default: show them)")
+COMMON_FLAGS = ("config", "set", "device", "overwrite", "quiet")
+
+
+def _add_common(p: argparse.ArgumentParser, group=None, only: tuple[str, ...] = COMMON_FLAGS) -> None:
+    """The flags every job command has; ``group``/``only``: these of them, in that help group."""
+    g = group if group is not None else p
+    if "config" in only:
+        g.add_argument("--config", help="YAML file with the job config; flags override it (default: built-in config)")
+    if "set" in only:
+        g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override any config key, e.g. --set recipe.lr=0.05 (repeatable; default: none)")
+    if "device" in only:
+        g.add_argument("--device", help="cpu, cuda, cuda:1 or auto (default: auto, a GPU when there is one)")
+    if "overwrite" in only:
+        g.add_argument("--overwrite", action="store_true", help="replace an existing output folder (default: refuse)")
+    if "quiet" in only:
+        g.add_argument("--quiet", action="store_true", help="no progress bars (default: show them)")
 
 
 # ---------------------------------------------------------------- train
 def cmd_train(args) -> int:
-    from potion.runs.configs import TrainJob
+    from potion.runs.configs import TrainJob, with_model_recipe
     from potion.jobs.train import run_train
 
     data = _base_dict(args)
     pairs = [("data.dataset", args.dataset), ("data.args.root", args.data_root),
              ("poison.trigger", args.poison), ("poison.target", args.target),
              ("model.name", args.model), ("recipe.iterations", args.iterations),
-             ("recipe.batch_size", args.batch_size), ("recipe.lr", args.lr), ("device", args.device)]
+             ("recipe.batch_size", args.batch_size), ("recipe.lr", args.lr), ("device", args.device),
+             ("tracking_uri", args.tracking_uri), ("experiment", args.experiment)]
     if args.poison_share is not None:
         pairs += [("poison.share", args.poison_share), ("poison.count", None)]
     if args.poison_count is not None:
@@ -56,10 +67,10 @@ def cmd_train(args) -> int:
         data["poison"]["share"] = None
     if args.model and "args" not in data.get("model", {}):
         data["model"]["args"] = {}  # the default model's args belong to the default model
-    job = from_dict(TrainJob, data)
+    job = from_dict(TrainJob, with_model_recipe(data))
     metrics = run_train(job, args.out, overwrite=args.overwrite, progress=not args.quiet)
     print(json.dumps({k: metrics[k] for k in ("clean_acc", "ra", "asr")}, indent=2))
-    print(f"run folder: {args.out}")
+    print(f"run folder: {resolve_out(args.out)}")
     return 0
 
 
@@ -169,13 +180,11 @@ def cmd_heal(args) -> int:
     report = run_heal(source, job, args.out, share=args.discovery_share, count=args.discovery_count,
                       identified=args.identified, overwrite=args.overwrite, progress=not args.quiet)
     print(heal_table(report))
-    print(f"healed model: {Path(args.out) / 'model.pt'}\nreport: {Path(args.out) / 'report.json'}")
-    mlf = report.get("mlflow")
-    if mlf and mlf.get("tracking_uri", "").startswith("sqlite:"):
-        from potion.tracking.store import ui_command
+    from potion.tracking.store import where_to_look
 
-        command, url = ui_command(mlf["tracking_uri"], mlf.get("experiment_id"), mlf.get("parent_run_id"))
-        print(f"MLflow UI: {command}\n  then open {url}")
+    dest, mlf = resolve_out(args.out), report.get("mlflow") or {}
+    print(f"healed model: {dest.child('model.pt')}\nreport: {dest.child('report.json')}")
+    print(where_to_look(mlf.get("tracking_uri"), mlf.get("experiment_id"), mlf.get("parent_run_id")) or "", end="")
     return 0
 
 
@@ -229,11 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--poison-count", type=int, help="number of training samples to poison (default: use --poison-share)")
     p.add_argument("--target", type=int, help="target class of the attack (default 0)")
     p.add_argument("--model", help="registered model: resnet9 (default), wrn, vit, small_cnn")
-    p.add_argument("--iterations", type=int, help="SGD updates (default 500)")
-    p.add_argument("--batch-size", type=int, help="training batch size (default 128)")
-    p.add_argument("--lr", type=float, help="peak learning rate after warm-up (default 0.05)")
+    p.add_argument("--iterations", type=int, help="optimizer updates (default 500; vit from scratch: 2000)")
+    p.add_argument("--batch-size", type=int, help="training batch size (default 128; vit from scratch: 64)")
+    p.add_argument("--lr", type=float, help="peak learning rate after warm-up (default 0.05; vit: AdamW at 2e-3, at the paper's 2.5e-4 with model.init)")
     p.add_argument("--seed", type=int, help="seed of the poison draw and of training (default 0)")
     p.add_argument("--out", required=True, help="run folder to create (required)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI, 'none' to disable (default: $POTION_TRACKING_URI, "
+                   "else $MLFLOW_TRACKING_URI, else sqlite OUT/mlflow.db)")
+    p.add_argument("--experiment", help="MLflow experiment name (default potion-train)")
     _add_common(p)
     p.set_defaults(fn=cmd_train)
 
@@ -247,55 +259,68 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_evaluate)
 
     p = sub.add_parser("heal", help="unlearn a partly identified poison from a trained run or your own model")
-    p.add_argument("--run", help="run folder written by `potion train` (this or your own model, --model ..., is required)")
-    _add_owner_flags(p)
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--discovery-share", type=float,
-                   help="benchmark: draw this share of the poison as the deletion set (this, --discovery-count or "
-                   "--identified is required)")
-    g.add_argument("--discovery-count", type=int, help="benchmark: draw this many poisoned samples, 1 = one-shot (or one of the other two: required)")
-    g.add_argument("--identified", help="CSV/Parquet of the training-set indices you identified as poison "
-                   "(or one of the other two: required)")
-    p.add_argument("--method", help="xlf_ptn_guard (default: XLF + PTN with the damage guard), xlf_ptn (the "
-                   "paper's exact method), lf_ptn, ssd_ptn, ssd, ssd_grid, eu, none")
-    p.add_argument("--backend", choices=["local", "ray"],
-                   help="local, or ray (default when --address or RAY_ADDRESS is given)")
-    p.add_argument("--rho", type=float, help="PTN stop threshold ρ (default 0.2)")
-    p.add_argument("--step", type=float, help="PTN step c (default 1.1)")
-    p.add_argument("--buffer", type=float, help="PTN start buffer b (default 25)")
-    p.add_argument("--max-steps", type=int, help="give up after this many PTN steps (default 500)")
-    p.add_argument("--strategy", choices=["linear", "waves", "bisect", "bracket"],
-                   help="order of the PTN steps: linear (default: the paper's scan), bracket (gallop, then scan up "
-                        "from the last gallop step that did not cross), waves, bisect (assumes a_k falls with k); "
-                        "xlf_ptn_guard always scans")
-    p.add_argument("--window", type=int, help="PTN steps in flight at once on the Ray backend (default 4)")
-    p.add_argument("--batch-size", type=int, help="importance batch size B (default: chosen from the size of "
-                   "the retain set; an explicit value wins)")
-    p.add_argument("--val-size", type=int, help="clean validation images for the trade-off curve (default 0)")
-    p.add_argument("--max-damage", type=float, help="xlf_ptn_guard: largest damage δ, in points of accuracy "
-                   "on the clean proxy, a healed model may show (default 1.0)")
-    p.add_argument("--proxy-size", type=int, help="xlf_ptn_guard: retain-set images in the clean proxy "
-                   "(default 2000)")
-    p.add_argument("--allow-damage", action="store_true", help="xlf_ptn_guard: when no step heals within δ, "
-                   "return the paper's k* anyway (default: write no model)")
-    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
-    p.add_argument("--num-cpus", type=int, help="CPUs of a local Ray cluster (default: all)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI, 'none' to disable "
-                   "(default: $MLFLOW_TRACKING_URI, else sqlite OUT/mlflow.db)")
-    p.add_argument("--experiment", help="MLflow experiment name (default potion-heal)")
-    p.add_argument("--register-model", metavar="NAME",
-                   help="also register the healed model in the MLflow model registry as NAME (default: not registered)")
-    p.add_argument("--cache-dir", help="importance cache folder, 'none' to disable "
-                   "(default: $POTION_CACHE/importances, else ~/.cache/potion/importances)")
-    p.add_argument("--seed", type=int, help="seed of the deletion-set draw and of the retain sample (default 0)")
-    p.add_argument("--retain-sample",
-                   help="retain importances from: a share in (0, 1] (default 1.0: the paper's full pass over the "
-                        "retain set), a sample count, or auto (experimental: stop once the estimate has settled)")
-    p.add_argument("--remeasure", action="store_true",
+    g = p.add_argument_group("input: the model and the poison you found")
+    g.add_argument("--run", help="run folder written by `potion train` (this or your own model, --model ..., is required)")
+    d = g.add_mutually_exclusive_group(required=True)
+    one_of = "(one of --identified, --discovery-share, --discovery-count is required)"
+    d.add_argument("--identified", help=f"CSV/Parquet of the training-set indices you identified as poison {one_of}")
+    d.add_argument("--discovery-share", type=float,
+                   help=f"benchmark: draw this share of the known poison as the deletion set {one_of}")
+    d.add_argument("--discovery-count", type=int,
+                   help=f"benchmark: draw this many poisoned samples (1 = one-shot) {one_of}")
+    g.add_argument("--seed", type=int, help="seed of the deletion-set draw and of the retain sample (default 0)")
+    g.add_argument("--remeasure", action="store_true",
                    help="measure the model's metrics before healing again "
                         "(default: read them from the run's metrics.json)")
-    p.add_argument("--out", required=True, help="output folder to create (required)")
-    _add_common(p)
+    _add_owner_flags(p)
+    g = p.add_argument_group("method")
+    g.add_argument("--method", help="xlf_ptn_guard (default: importance dampening, searched, with a damage guard), "
+                   "xlf_ptn (the paper's method, no guard), potion_plus (the guard with the deletion set grown, more "
+                   "rounds and a guarded repair; switches --set plus.expand=false, plus.rounds=1, "
+                   "plus.repair_steps=0, plus.shuffle_retain=false), lf_ptn, ssd_ptn, ssd, ssd_grid, eu, none; baselines "
+                   "task_vector (CUTS-style task-vector negation), finetune (SGD on the retain set alone)")
+    g.add_argument("--batch-size", type=int, help="images per importance batch (default: chosen from the size "
+                   "of the retain set; an explicit value wins)")
+    g.add_argument("--retain-sample",
+                   help="how much of the retain set the importances read: a share in (0, 1] (default 1.0: all, as "
+                        "the paper), a sample count, or auto (experimental: stop once the estimate has settled)")
+    g.add_argument("--cache-dir", help="importance cache folder, 'none' to disable "
+                   "(default: $POTION_CACHE/importances, else ~/.cache/potion/importances)")
+    _add_common(p, g, only=("config", "set", "device"))
+    g = p.add_argument_group("search: how far to dampen (PTN)")
+    g.add_argument("--rho", type=float, help="stop once the deletion-set accuracy falls to this share of where "
+                   "it started (ρ; default 0.2)")
+    g.add_argument("--step", type=float, help="how much stronger each search step dampens (c; default 1.1)")
+    g.add_argument("--buffer", type=float, help="how far below the deletion set's share of the data the search "
+                   "starts (b; default 25)")
+    g.add_argument("--max-steps", type=int, help="give up after this many search steps (default 500)")
+    g.add_argument("--strategy", choices=["linear", "waves", "bisect", "bracket"],
+                   help="order of the search steps: linear (default: every step in turn, as the paper), bracket "
+                        "(gallop, then scan up from the last gallop step that did not cross), waves, bisect "
+                        "(assumes the accuracy falls with every step); xlf_ptn_guard always scans")
+    g.add_argument("--val-size", type=int, help="clean test images measured at every step, for the trade-off "
+                   "plot (default 0)")
+    g = p.add_argument_group("damage guard (xlf_ptn_guard)")
+    g.add_argument("--max-damage", type=float, help="largest accuracy loss, in points, the healed model may show "
+                   "on clean training images set aside (δ; default 1.0)")
+    g.add_argument("--proxy-size", type=int, help="clean training images the guard measures the loss on "
+                   "(default 2000)")
+    g.add_argument("--allow-damage", action="store_true", help="when no step heals within --max-damage, keep "
+                   "the unguarded search's step anyway (default: write no model)")
+    g = p.add_argument_group("Ray")
+    g.add_argument("--backend", choices=["local", "ray"],
+                   help="local, or ray (default when --address or RAY_ADDRESS is given)")
+    g.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
+    g.add_argument("--num-cpus", type=int, help="CPUs of a local Ray cluster (default: all)")
+    g.add_argument("--window", type=int, help="search steps run at once on Ray (default 4)")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", required=True, help="output folder to create (required)")
+    g.add_argument("--tracking-uri", help="MLflow tracking URI, 'none' to disable "
+                   "(default: $POTION_TRACKING_URI, else $MLFLOW_TRACKING_URI, else sqlite OUT/mlflow.db)")
+    g.add_argument("--experiment", help="MLflow experiment name (default potion-heal)")
+    g.add_argument("--register-model", metavar="NAME",
+                   help="also register the healed model in the MLflow model registry as NAME (default: not registered)")
+    _add_common(p, g, only=("overwrite", "quiet"))
     p.set_defaults(fn=cmd_heal)
 
     p = sub.add_parser("demo", help="the whole pipeline on the embedded digits data")
@@ -328,7 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="list the cells and check the config (default: run)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
     p.add_argument("--num-cpus", type=int, help="CPUs of a local Ray cluster (default: all)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI, 'none' to disable (default: sqlite OUT/mlflow.db)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI, 'none' to disable (default: $POTION_TRACKING_URI, "
+                   "else $MLFLOW_TRACKING_URI, else sqlite OUT/mlflow.db)")
     p.add_argument("--quiet", action="store_true", help="no progress output (default: show it)")
     p.set_defaults(fn=cmd_benchmark)
 
@@ -336,11 +362,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("results", help="results.parquet or its folder (required)")
     p.add_argument("--out", help="folder for summary.md and the plots (default: beside the table)")
     p.set_defaults(fn=cmd_report)
+    for p in sub.choices.values():  # after the command, beside its other flags
+        p.add_argument("--debug", action="store_true", help="on an error, also print what the library "
+                       "behind it said (default: one line)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Stage headings go to stdout, progress to stderr: line by line, a pipe or log file keeps their order.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
     # MLflow announces routine database set-up at INFO; the user asked for none of it.
     # It reads this variable when it configures its loggers on import.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
@@ -350,11 +382,15 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return args.fn(args)
         except PotionError as e:
-            print(f"potion: error: {e}", file=sys.stderr)
+            if e.detail and args.debug:  # before the message: the last line stays the one that matters
+                print(f"potion: detail: {e.detail}", file=sys.stderr)
+            hint = "; --debug shows the detail" if e.detail and not args.debug else ""
+            print(f"potion: error: {e}{hint}", file=sys.stderr)
             return 2
         except KeyboardInterrupt as e:
-            print(f"potion: interrupted by {describe(e)}; nothing was written, earlier outputs were left as they were",
-                  file=sys.stderr)
+            # a command whose finished parts survive says which (`kept`); the staged ones wrote nothing
+            kept = getattr(e, "kept", "nothing was written, earlier outputs were left as they were")
+            print(f"potion: interrupted by {describe(e)}; {kept}", file=sys.stderr)
             return exit_status(e)
 
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import glob
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
@@ -164,6 +166,7 @@ def staged_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterat
     """
     out = Path(out).absolute()
     with output_lock(out):
+        clean_stale_stages(out.resolve())
         out = check_output_dir(out, overwrite).resolve()
         try:
             stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
@@ -189,6 +192,35 @@ def staged_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterat
             os.replace(stage, out)
         if backup is not None:
             shutil.rmtree(backup, ignore_errors=True)
+
+
+def clean_stale_stages(out: Path, quiet: bool = False) -> list[Path]:
+    """Remove what a writer of ``out`` that died (SIGKILL, OOM, a lost Ray node) left beside
+    it; the caller holds ``out``'s lock, so no live writer owns any of it.
+
+    A staging folder is half-built output and goes. A backup (``.old-``) is the previous
+    ``out`` moved aside for the swap: when ``out`` is missing, the writer died between the
+    two renames and the backup is put back, otherwise the swap finished and it goes.
+    Returns the removed folders.
+    """
+    removed = []
+    name = glob.escape(out.name)
+    for old in sorted(out.parent.glob(f".{name}.old-*")):
+        if not out.exists():
+            os.replace(old, out)
+            if not quiet:
+                print(f"potion: note: restored {out} from {old.name}, left by a run that died while replacing it",
+                      file=sys.stderr)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+            removed.append(old)
+    for stage in sorted(out.parent.glob(f".{name}.staging-*")):
+        shutil.rmtree(stage, ignore_errors=True)
+        removed.append(stage)
+    if removed and not quiet:
+        print(f"potion: note: removed {', '.join(p.name for p in removed)} beside {out}, left by a run that "
+              "was stopped", file=sys.stderr)
+    return removed
 
 
 def refuse_overlap(out: str | os.PathLike, protected: str | os.PathLike, what: str) -> None:

@@ -97,11 +97,18 @@ class LineProgress:
             print(s, file=self.stream, flush=True)
 
     def close(self) -> None:
+        """One closing line with the total ("in total"), unless the last line said all of it
+        already: the end never reads as one more step of progress."""
         if self._closed:
             return
         self._closed = True
-        if (self._printed_n, self._printed_postfix) != (self.n, self.postfix):
-            self._line(time.monotonic())
+        if (self._printed_n, self._printed_postfix) == (self.n, self.postfix) or not self.enabled:
+            return
+        elapsed = time.monotonic() - self._t0
+        count = f"{self.n}/{self.total}" if self.total else f"{self.n}"
+        text = f"{self.desc}: {count} {self.unit} in total ({elapsed:.0f} s)" + (f" {self.postfix}" if self.postfix else "")
+        self._printed_n, self._printed_postfix = self.n, self.postfix
+        print(text, file=self.stream, flush=True)
 
     # -- output ---------------------------------------------------------------------
     def _line(self, now: float) -> None:

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -158,7 +160,64 @@ def world(tmp_path_factory) -> World:
     (root / "metrics.json").write_text('{"mine": 1}')
     scratch = root / "scratch"
     scratch.mkdir()
+    _owner_inputs(root / "owner", run)
     return World(root, run, scratch)
+
+
+def _owner_inputs(folder: Path, run: Path) -> None:
+    """An owner's model and data (tests/owner_case.py, barely trained) and broken copies of
+    its pieces: integer weights, truncated files, a damaged PNG, triggered images stored at
+    twice the size, an --identified file that lists all of D."""
+    import owner_case
+    from safetensors.torch import save_file
+
+    case = owner_case.build(folder, iterations=5)
+    state = case["state"]
+    save_file({k: (v * 100).to(torch.int32) for k, v in state.items()}, str(folder / "int.safetensors"))
+    blob = (folder / "weights.pt").read_bytes()
+    (folder / "trunc.pt").write_bytes(blob[: len(blob) // 2])
+    torch.save({**state, "head.weight": state["head.weight"][:, :10]}, folder / "shape.pt")
+    ckpt = (run / "model.pt").read_bytes()
+    (folder / "trunc_ckpt.pt").write_bytes(ckpt[: len(ckpt) // 2])
+    payload = torch.load(run / "model.pt", weights_only=True)
+    first = next(iter(payload["state_dict"]))
+    for name, value in (("ckpt_int", payload["state_dict"][first].to(torch.int32)), ("ckpt_list", [1, 2])):
+        torch.save({**payload, "state_dict": {**payload["state_dict"], first: value}}, folder / f"{name}.pt")
+    n_train = pq.read_metadata(folder / "data" / "train.parquet").num_rows
+    (folder / "all.csv").write_text("index\n" + "\n".join(map(str, range(n_train))) + "\n")
+
+    rows = pq.read_table(folder / "data" / "train.parquet")
+    images = rows.column("image").to_pylist()
+    png = images[5]["bytes"]
+    # bits flipped inside IDAT's compressed data: torchvision's decoder crashes the process on these
+    for name, broken in (("bad_png_bits", png[:60] + bytes(b ^ 0xFF for b in png[60:120]) + png[120:]),
+                         ("bad_png_cut", png[: len(png) // 2])):
+        (folder / name).mkdir()
+        (folder / name / "test.parquet").write_bytes((folder / "data" / "test.parquet").read_bytes())
+        damaged = images[:5] + [{"bytes": broken, "path": None}] + images[6:]
+        pq.write_table(rows.set_column(0, "image", pa.array(damaged, rows.schema.field("image").type)),
+                       folder / name / "train.parquet")
+    trig = pq.read_table(folder / "triggered_test.parquet")
+    from PIL import Image
+    import io
+
+    small = [np.asarray(Image.open(io.BytesIO(r["bytes"]))) for r in trig.column("image").to_pylist()]
+    big = np.stack([np.asarray(Image.fromarray(im).resize((32, 32), Image.NEAREST)) for im in small])[:, None]
+    owner_case.write_parquet(folder / "trig32.parquet", big, trig.column("label").to_numpy())
+    rgb = []
+    for im in small[:4]:
+        buf = io.BytesIO()
+        Image.fromarray(im).convert("RGB").save(buf, format="PNG")
+        rgb.append({"bytes": buf.getvalue(), "path": None})
+    pq.write_table(pa.table({"image": pa.array(rgb, trig.schema.field("image").type),
+                             "label": pa.array([1, 2, 3, 4], pa.int64())}), folder / "trig_rgb.parquet")
+
+
+def own(w, *extra, data="data"):
+    """The owner's model on their data (or a damaged copy of it), as a user types it."""
+    f = w.root / "owner"
+    return ["--model", f"{f / 'mynet_owner.py'}:MyNet", "--dataset", "parquet", "--data-root", str(f / data),
+            "--mean", str(0.3), "--std", str(0.4), *[str(f / a) if (f / a).exists() else a for a in extra]]
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -403,6 +462,25 @@ CASES: list[tuple[str, Callable[[World], list[str]], str, int]] = [
     ("benchmark-suite-bad", lambda w: ["benchmark", "--suite", str(w.suite_bad__yaml), "--dry-run"], "colour", 2),
     ("report-missing", lambda w: ["report", str(w.root / "nope.parquet")], "nope.parquet", 2),
     ("report-garbage", lambda w: ["report", str(w.garbage__parquet)], "garbage.parquet", 2),
+    # ---- the owner's weights and data (issue 23)
+    ("weights-int", lambda w: ["evaluate", *own(w, "--weights", "int.safetensors")], "not floating point", 2),
+    ("weights-truncated", lambda w: ["evaluate", *own(w, "--weights", "trunc.pt")], "truncated", 2),
+    ("weights-wrong-shape", lambda w: ["evaluate", *own(w, "--weights", "shape.pt")],
+     "head.weight saved (10, 10) vs model (10, 512)", 2),
+    ("ckpt-truncated", lambda w: ev(w, "--checkpoint", str(w.root / "owner" / "trunc_ckpt.pt")), "truncated", 2),
+    ("ckpt-int", lambda w: ev(w, "--checkpoint", str(w.root / "owner" / "ckpt_int.pt")), "not floating point", 2),
+    ("ckpt-list-entry", lambda w: ev(w, "--checkpoint", str(w.root / "owner" / "ckpt_list.pt")), "saved list", 2),
+    ("image-damaged-png", lambda w: ["evaluate", *own(w, "--weights", "weights.pt", data="bad_png_bits")],
+     "row 5", 2),
+    ("image-truncated-png", lambda w: ["evaluate", *own(w, "--weights", "weights.pt", data="bad_png_cut")],
+     "row 5", 2),
+    ("triggered-test-size", lambda w: ["evaluate", *own(w, "--weights", "weights.pt", "--triggered-test",
+                                                        "trig32.parquet", "--target", "7")], "--image-size 16", 2),
+    ("triggered-test-channels", lambda w: ["evaluate", *own(w, "--weights", "weights.pt", "--image-size", "16",
+                                                            "--triggered-test", "trig_rgb.parquet",
+                                                            "--target", "7")], "--image-size 16", 2),
+    ("identified-all-of-d", lambda w: ["heal", *own(w, "--weights", "weights.pt", "--identified", "all.csv"),
+                                       "--out", str(w.scratch / "o"), *H], "retain set", 2),
 ]
 
 # None: unset (the default MLflow store OUT/mlflow.db is what these cases are about)
@@ -446,6 +524,8 @@ def test_bad_input_is_one_clear_line(world, case_id, argv, expect, status, capsy
     assert last.startswith(("potion: error:", "usage:", "potion ")) and "error" in last, err
     assert expect in last, last
     assert len(last) < 1000
+    # a library's words stay behind --debug: no numpy reprs, torch/torchvision internals
+    assert not re.search(r"np\.\w+\(|csrc/|PytorchStreamReader|miniz", last), last
     after = snapshot(world.root)
     assert after == before  # nothing changed, nothing left behind
 
@@ -453,3 +533,41 @@ def test_bad_input_is_one_clear_line(world, case_id, argv, expect, status, capsy
 def test_the_table_is_large_and_every_case_is_distinct():
     ids = [c[0] for c in CASES]
     assert len(ids) == len(set(ids)) >= 100
+
+
+def test_debug_shows_what_the_library_said_before_the_one_line(world, capsys):
+    ckpt = str(world.root / "owner" / "trunc_ckpt.pt")
+    assert main(ev(world, "--checkpoint", ckpt)) == 2
+    plain = capsys.readouterr().err.strip().splitlines()
+    assert len(plain) == 1 and plain[0].endswith("--debug shows the detail"), plain
+    assert main([*ev(world, "--checkpoint", ckpt), "--debug"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0].startswith("potion: detail: RuntimeError:") and "PytorchStreamReader" in lines[0], lines
+    assert lines[-1] == plain[0].removesuffix("; --debug shows the detail")
+
+
+def test_triggered_test_at_another_stored_size_is_resized_with_image_size(world, capsys):
+    """32×32 copies (2× nearest) of the 16×16 triggered images reach the model as nearly the
+    same 16×16 images once --image-size 16 resizes them (antialiased bilinear, not a 2×2 mean):
+    about the same ra and asr as the originals."""
+    base = ["evaluate", *own(world, "--weights", "weights.pt", "--target", "7", "--image-size", "16")]
+    assert main([*base, "--triggered-test", str(world.root / "owner" / "triggered_test.parquet")]) == 0
+    native = json.loads(capsys.readouterr().out)
+    assert main([*base, "--triggered-test", str(world.root / "owner" / "trig32.parquet")]) == 0
+    big = json.loads(capsys.readouterr().out)
+    assert big["ra"] == pytest.approx(native["ra"], abs=0.01) and big["asr"] == pytest.approx(native["asr"], abs=0.01)
+    assert big["clean_acc"] == native["clean_acc"]
+
+
+def test_identified_all_of_d_is_refused_before_any_importance(world, capsys, monkeypatch):
+    import potion.heal.run as heal_run
+
+    def no_compute(*a, **k):
+        raise AssertionError("importances were computed")
+
+    monkeypatch.setattr(heal_run, "make_importance_fn", no_compute)
+    monkeypatch.setattr(heal_run, "measure_before", no_compute)
+    args = ["heal", *own(world, "--weights", "weights.pt", "--identified", "all.csv"), "--out",
+            str(world.scratch / "o"), *H]
+    assert main(args) == 2
+    assert "retain set Dr = D − Sf empty" in capsys.readouterr().err

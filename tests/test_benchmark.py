@@ -101,6 +101,20 @@ def test_bad_suites_are_refused(tmp_path, change, words):
         expand(_suite(**change), tmp_path)
 
 
+def test_cache_keys_change_with_what_a_cell_computes_only(tmp_path):
+    """A model's key ignores where it is logged; a method's own settings key its cells only."""
+    def keys(**changes):
+        plan = expand(_suite(methods=["xlf_ptn", "potion_plus"], **changes), tmp_path)
+        return {c.method: c.key for c in plan.cells if c.share_label == "one"}, list(plan.models)
+
+    base, models = keys()
+    plus = keys(heal={"importance_batch_size": 128, "plus": {"rounds": 3}})[0]
+    assert plus["xlf_ptn"] == base["xlf_ptn"] and plus["potion_plus"] != base["potion_plus"]
+    guard = keys(heal={"importance_batch_size": 128, "guard": {"max_damage": 0.5}})[0]
+    assert guard["xlf_ptn"] != base["xlf_ptn"] and guard["potion_plus"] != base["potion_plus"]
+    assert keys(recipe={**TINY["recipe"], "iterations": 61})[1] != models
+
+
 def test_shipped_suites_expand_and_goel_dry_run_lists_cells(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("POTION_DATA", str(tmp_path / "nowhere"))
     sizes = {}

@@ -27,7 +27,7 @@ def brute_stats(images: torch.Tensor):
 
 
 def test_registered_sources():
-    assert DATASETS.names() == ["cifar10", "cifar100", "digits", "imagefolder", "parquet"]
+    assert DATASETS.names() == ["cifar10", "cifar100", "digits", "ilsvrc", "imagefolder", "parquet"]
 
 
 def test_unknown_dataset_and_parameter():

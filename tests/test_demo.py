@@ -21,7 +21,7 @@ def test_demo_smoke_runs_end_to_end(tmp_path, capsys):
 
     from potion.models import load_checkpoint
     from potion.heal.report import before_after_metrics
-    from potion.tracking.steps import step_fields
+    from potion.tracking.steps import child_fields, child_run_name
     from potion.tracking.store import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
 
     out = tmp_path / "demo"
@@ -51,8 +51,9 @@ def test_demo_smoke_runs_end_to_end(tmp_path, capsys):
     parent = parents[0]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == len(runs) - 1 == len(rep["trace"])  # one child per evaluated PTN step
-    assert sorted(r.info.run_name for r in children) == [f"k={t['k']:03d}" for t in rep["trace"]]
-    assert all(set(r.data.metrics) <= set(step_fields()) for r in children)  # no Tune bookkeeping
+    assert sorted(r.info.run_name for r in children) == [child_run_name(t["k"], t["k"] == rep["k_star"])
+                                                         for t in rep["trace"]]
+    assert all(set(r.data.metrics) <= set(child_fields()) for r in children)  # no Tune bookkeeping
 
     # the parent's numbers are the kept model's: k*'s step, and before/after healing
     chosen = next(t for t in rep["trace"] if t["k"] == rep["k_star"])

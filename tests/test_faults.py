@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -351,3 +352,215 @@ def test_searcher_survives_dead_trials_in_any_order():
             continue  # bisect's k* equals linear's only on monotone curves (tested elsewhere)
         hit = s.crossing()
         assert (hit.k if hit else None) == want
+
+
+# ---------------------------------------------------------------- what a dead writer leaves
+def test_the_next_run_clears_a_dead_writers_staging_folder_and_restores_a_half_swapped_output(tmp_path, capsys):
+    from potion.io import staged_output_dir
+
+    out = tmp_path / "healed"
+    stale = tmp_path / ".healed.staging-dead1"
+    stale.mkdir()
+    (stale / "model.pt").write_text("half")
+    (tmp_path / ".healed.lock").write_text("")  # flock died with its process; the file stays
+    with staged_output_dir(out) as stage:
+        (stage / "report.json").write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["healed"]
+    assert "removed .healed.staging-dead1" in capsys.readouterr().err
+
+    # a writer that died between the swap's two renames: the previous results are put back
+    old = tmp_path / ".healed.old-dead2"
+    os.replace(out, old)
+    (tmp_path / ".healed.staging-dead3").mkdir()
+    with pytest.raises(Exception, match="already exists"):
+        with staged_output_dir(out):
+            pass
+    assert (out / "report.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["healed"]
+    assert "restored" in capsys.readouterr().err
+
+
+def test_describe_ray_failure_names_the_node():
+    from potion.distributed.leftovers import describe_ray_failure
+
+    text = ("The actor died unexpectedly before finishing this task.\n\tclass_name: ImplicitFunc\n\tpid: 712\n"
+            "\tip: 10.1.2.3\nThe actor is dead because its owner has died. Owner Ip address: 10.1.2.3 "
+            "Worker exit detail: Owner's node has crashed.")
+    assert describe_ray_failure(RuntimeError(text)) == "RuntimeError on the Ray node 10.1.2.3: the node died"
+    assert describe_ray_failure(RuntimeError("worker exited")) == "RuntimeError: its worker process died"
+
+
+# ---------------------------------------------------------------- a node that dies mid-heal
+NODE_DIES = textwrap.dedent("""
+    import os, sys, time
+    from potion.cli import main
+    import potion.distributed.search as mod
+    inner, FLAG = mod.ptn_trial, sys.argv[1]
+    def ptn_trial(config, payload):
+        if config["k"] == 2 and not os.path.exists(FLAG):
+            open(FLAG, "w").write(str(os.getpid()))
+            time.sleep(60)  # the test kills this node meanwhile
+        return inner(config, payload)
+    mod.ptn_trial = ptn_trial
+    sys.exit(main(sys.argv[2:]))
+""")
+
+
+def _ray_children(pid: int) -> list:
+    import psutil
+
+    return psutil.Process(pid).children(recursive=True)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_heal_whose_ray_node_dies_says_so_in_one_line_leaves_nothing_and_can_be_rerun(run_dir, tmp_path):
+    import psutil
+
+    marker = f"POTION_FAULT_TEST={uuid.uuid4().hex}"
+    key, value = marker.split("=")
+    env = {**os.environ, key: value, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    work = tmp_path / "work"
+    work.mkdir()
+    flag, out = tmp_path / "flag", work / "healed"
+    heal = ["heal", "--run", str(run_dir), "--discovery-share", "0.3", "--backend", "ray", "--num-cpus", "2",
+            "--step", "1.5", "--window", "2", "--cache-dir", str(tmp_path / "cache"), "--tracking-uri", "none",
+            "--out", str(out), "--quiet"]
+    proc = subprocess.Popen([sys.executable, "-c", NODE_DIES, str(flag), *heal], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while not flag.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    try:
+        assert flag.exists(), proc.communicate()[1][-3000:]
+        ray_procs = [p for p in _ray_children(proc.pid)
+                     if p.name() != "python" or "leftovers" not in " ".join(p.cmdline())]
+        # the node dies: its raylet and its agents (on Ray 2.60 the raylet outlives its agents,
+        # and a heal on such a node hangs: new workers never start)
+        node = [p for p in ray_procs if p.name() == "raylet" or "Agent" in p.name()
+                or "Agent" in " ".join(p.cmdline()) or "agent" in " ".join(p.cmdline())]
+        assert any(p.name() == "raylet" for p in node), [p.name() for p in ray_procs]
+        for p in node:
+            p.kill()
+        _, err = proc.communicate(timeout=180)
+    finally:  # a failure must not leave a hung heal and its Ray running
+        if proc.poll() is None:
+            for p in _ray_children(proc.pid):
+                p.kill()
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode != 0
+    last = err.strip().splitlines()[-1]
+    # "the Ray node X … died", or, when the raylet and the driver went within one poll of the
+    # watchdog, "killed …, or its Ray node X … died": the node is named either way
+    assert last.startswith("potion: error: this heal stopped: "), err[-3000:]
+    assert re.search(r"Ray node [0-9.]+ \(node id [0-9a-f]{12}\)[^.;]* died", last), last
+    assert f"nothing was written to {out}" in last and "can be resumed: rerun the same command" in last
+    assert sorted(p.name for p in work.iterdir()) == []  # no staging folder, no lock
+    gone, alive = psutil.wait_procs(ray_procs, timeout=20)
+    assert alive == []
+    # the rerun of the same command resumes: the importances come from the cache
+    rerun = subprocess.run([sys.executable, "-m", "potion", *heal], env=env, capture_output=True, text=True,
+                           timeout=240)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert (out / "model.pt").is_file() and sorted(p.name for p in work.iterdir()) == ["healed"]
+
+
+# ---------------------------------------------------------------- a benchmark killed with SIGKILL
+TINY_SUITE = """
+name: tiny-kill
+description: one cell, for the SIGKILL test
+data: {dataset: digits, args: {upscale: 2}}
+model: {name: small_cnn, args: {width: 8}}
+recipe: {iterations: 100, batch_size: 64, lr: 0.05}
+device: cpu
+poisons: [{trigger: badnet}]
+n: [0.05]
+shares: [one]
+methods: [none]
+seeds: [0]
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.parametrize("watchdog", ["killed too", "alive"])
+def test_a_benchmark_killed_with_sigkill_leaves_no_ray_processes_once_rerun(tmp_path, watchdog):
+    """The driver dies outright while it trains. With its watchdog alive the Ray processes
+    it started stop at once; when the watchdog was killed too, the rerun stops exactly them."""
+    import psutil
+
+    from potion.distributed.leftovers import RECORD_FILE
+
+    suite, out = tmp_path / "tiny.yaml", tmp_path / "bench"
+    suite.write_text(TINY_SUITE)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "potion", "benchmark", "--suite", str(suite), "--out", str(out), "--num-cpus", "1",
+           "--tracking-uri", "none"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    record = out / RECORD_FILE
+    deadline = time.time() + 120
+    while not record.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert record.exists(), proc.communicate()[1][-3000:]
+    time.sleep(1)
+    entries = json.loads(record.read_text())["processes"]
+    started = [psutil.Process(e["pid"]) for e in entries if psutil.pid_exists(e["pid"])]
+    assert any("Agent" in p.name() for p in started)
+    kids = _ray_children(proc.pid)
+    dog = [p for p in kids if "potion.distributed.leftovers" in " ".join(p.cmdline())]
+    assert len(dog) == 1
+    if watchdog == "killed too":
+        dog[0].kill()  # it stays a zombie of the driver: nothing to wait for
+    proc.kill()
+    _, err = proc.communicate(timeout=60)
+    if watchdog == "alive":
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("potion: error: this benchmark stopped: its process was killed"), err[-2000:]
+        assert "finished cells are kept" in err
+        _, alive = psutil.wait_procs(started, timeout=20)
+        assert alive == []
+        return
+    time.sleep(3)
+    survivors = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert survivors, "nothing outlived the driver: the test no longer shows the leak it guards against"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # not the run's: must survive
+    try:
+        rerun = subprocess.run(cmd + ["--dry-run"], env=env, capture_output=True, text=True, timeout=120)
+        assert rerun.returncode == 0
+        assert all(p.is_running() for p in survivors)  # a dry run starts and stops nothing
+        rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        assert re.search(r"stopped \d+ Ray processes", rerun.stderr), rerun.stderr[-2000:]
+        _, alive = psutil.wait_procs(survivors, timeout=20)
+        assert alive == [] and other.poll() is None and not record.exists()
+    finally:
+        other.kill()
+
+
+# ---------------------------------------------------------------- soak
+@pytest.mark.slow
+@pytest.mark.ray
+def test_the_soak_smoke_run_holds_its_floor(run_dir, tmp_path):
+    """benchmarks/soak.py --smoke: six heals (both backends, a cache miss and hits, a refusal
+    without a model, an interrupt) on one Ray cluster leak nothing."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    rows_file = tmp_path / "soak.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "soak.py"), "--smoke", "--run", str(run_dir),
+                           "--work", str(tmp_path / "w"), "--json", str(rows_file)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert rows_file.is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = json.loads(rows_file.read_text())
+    outcomes = [r["outcome"].split(":")[0] for r in got["rows"]]
+    assert {"healed", "interrupted", "refused"} <= set(outcomes), outcomes
+    assert {r["backend"] for r in got["rows"]} == {"local", "ray"}
+    leaks = got["leaks"]
+    assert (leaks["processes"], leaks["fds"], leaks["stale"]) == (0, 0, []) and got["rss_growth"] < 0.10, leaks
+    if leaks["object_store_mb"]:
+        # tune.with_parameters keeps every search's payload in Ray's object store for the life
+        # of the driver (a _ParameterRegistry per call, held by ray's _post_init_hooks)
+        pytest.xfail(f"the object store grew {leaks['object_store_mb']} MB over the soak (Tune's with_parameters)")
+    assert got["ok"] and proc.returncode == 0

@@ -1,22 +1,18 @@
-"""End to end on a real (one-node) Ray cluster: `ray start`, `ray job submit -- potion heal
---backend ray`, the result tracked in MLflow.
+"""End to end on a real (one-node) Ray cluster: `ray job submit -- potion heal --backend ray`,
+the result tracked in MLflow; the README's local-cluster recipe, run verbatim; a relative
+`--out` refused inside the job's working-dir copy.
 
-The cluster gets its own temp folder and is stopped by terminating exactly the processes
-whose command line names that folder (and their children): `ray stop` would stop every
-Ray process of the machine, including clusters this test did not start.
+Clusters are started and stopped with `scripts/local_cluster.py` (free ports, its own temp
+folder, stopped by its processes): `ray stop` would stop every Ray process of the machine,
+including clusters these tests did not start.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
-import socket
+import re
 import subprocess
 import sys
-import tempfile
-import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -25,81 +21,42 @@ import owner_case
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's `ray` and `potion`
+CLUSTER_SCRIPT = REPO / "scripts" / "local_cluster.py"
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.ray,
-    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="stops its cluster through /proc"),
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="local_cluster.py stops its cluster through /proc"),
 ]
-
-
-def _free_ports(n: int) -> list[int]:
-    """``n`` distinct ports free now (all sockets held open until every port is chosen)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def ray_start_port_flags() -> list:
-    """Every port `ray start --head` would otherwise take from Ray's fixed defaults, so that
-    this cluster runs beside any other Ray on the machine (a second copy of the suite, a
-    user's cluster). Ports the test must know (GCS, dashboard) or Ray requires as a number
-    (client server) are probed free ports; the agents' ports are 0: the kernel picks them
-    when they bind, which no other process can race."""
-    gcs, dash, client = _free_ports(3)
-    return ["--port", gcs, "--dashboard-port", dash, "--ray-client-server-port", client,
-            "--dashboard-agent-listen-port", 0, "--dashboard-agent-grpc-port", 0,
-            "--runtime-env-agent-port", 0, "--metrics-export-port", 0]
-
-
-def _processes() -> dict[int, tuple[int, str, str]]:
-    """pid → (parent pid, state, command line), from /proc."""
-    out = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        out[int(entry)] = (int(fields[1]), fields[0], cmd)
-    return out
-
-
-def _alive(pids: set[int]) -> set[int]:
-    procs = _processes()
-    return {p for p in pids if p in procs and procs[p][1] != "Z"}
-
-
-def stop_cluster(marker: str, grace: float = 15.0) -> None:
-    """Terminate the processes whose command line contains ``marker`` and their descendants."""
-    procs = _processes()
-    pids = {p for p, (_, _, cmd) in procs.items() if marker in cmd}
-    while True:
-        more = {p for p, (pp, _, _) in procs.items() if pp in pids} - pids
-        if not more:
-            break
-        pids |= more
-    pids.discard(os.getpid())
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        for p in _alive(pids):
-            try:
-                os.kill(p, sig)
-            except ProcessLookupError:
-                pass
-        end = time.time() + wait
-        while _alive(pids) and time.time() < end:
-            time.sleep(0.2)
 
 
 def _run(cmd, env, cwd, timeout):
     return subprocess.run([str(c) for c in cmd], env=env, cwd=cwd, timeout=timeout, capture_output=True, text=True)
+
+
+def _env(**extra) -> dict:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **extra}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def _cluster_pids(folder: str) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and folder in Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(entry))
+        except OSError:
+            continue
+    return pids
+
+
+def _stop_left_over(output: str, env) -> None:
+    """After a failure: stop the cluster that `start` announced, if it is still there."""
+    for folder in re.findall(r"local_cluster\.py stop (\S+)", output):
+        if Path(folder).is_dir():
+            _run([sys.executable, CLUSTER_SCRIPT, "stop", folder], env, REPO, 120)
 
 
 def test_potion_heal_as_a_ray_job_tracked_in_mlflow(tmp_path):
@@ -107,24 +64,19 @@ def test_potion_heal_as_a_ray_job_tracked_in_mlflow(tmp_path):
 
     ray_bin, potion_bin = BIN / "ray", BIN / "potion"
     assert ray_bin.is_file() and potion_bin.is_file(), f"expected ray and potion in {BIN}"
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.pop("RAY_ADDRESS", None)
+    env = _env()
     run_dir, out, db, own_out = tmp_path / "run", tmp_path / "heal", tmp_path / "mlflow.db", tmp_path / "own_heal"
 
     train = _run([potion_bin, "train", "--dataset", "digits", "--poison", "badnet", "--poison-share", "0.02",
                   "--seed", "0", "--iterations", "100", "--out", run_dir, "--quiet"], env, tmp_path, 600)
     assert train.returncode == 0, train.stdout[-2000:] + train.stderr[-2000:]
 
-    # Short: Ray's unix socket paths under it must stay below ~107 characters.
-    temp = tempfile.mkdtemp(prefix="potion-rt-", dir="/tmp")
-    ports = ray_start_port_flags()
-    address = f"http://127.0.0.1:{ports[ports.index('--dashboard-port') + 1]}"
-    sid = f"potion-test-{uuid.uuid4().hex[:8]}"
+    start = _run([sys.executable, CLUSTER_SCRIPT, "start", "--num-cpus", "1"], env, tmp_path, 180)
+    assert start.returncode == 0, start.stdout[-2000:] + start.stderr[-2000:]
+    cluster = start.stdout.strip()
+    address = (Path(cluster) / "address").read_text().strip()
+    sid = f"potion-test-{os.getpid()}"
     try:
-        start = _run([ray_bin, "start", "--head", "--num-cpus", "1", "--dashboard-host", "127.0.0.1", *ports,
-                      "--temp-dir", temp, "--disable-usage-stats"], env, temp, 180)
-        assert start.returncode == 0, start.stdout[-2000:] + start.stderr[-2000:]
         job = _run([ray_bin, "job", "submit", "--address", address, "--working-dir", REPO, "--submission-id", sid,
                     # the entrypoint the README documents: Potion through its interpreter, by
                     # absolute path, so it does not depend on the PATH the cluster started with
@@ -149,9 +101,21 @@ def test_potion_heal_as_a_ray_job_tracked_in_mlflow(tmp_path):
                     "--backend", "ray", "--out", own_out, "--tracking-uri", "none", "--cache-dir", "none", "--quiet"],
                    env, tmp_path, 900)
         assert own.returncode == 0, own.stdout[-4000:] + own.stderr[-3000:]
+
+        # A relative --out would land in the job's temporary copy of its working dir: refused,
+        # before any work, with what to pass instead.
+        rel = _run([ray_bin, "job", "submit", "--address", address, "--working-dir", case["folder"],
+                    "--", sys.executable, "-m", "potion", "heal", *owner_case.heal_args(Path(".")),
+                    "--out", "healed-rel", "--tracking-uri", "none", "--quiet"], env, tmp_path, 600)
+        said = rel.stdout + rel.stderr
+        assert rel.returncode != 0, said[-4000:]
+        assert "potion: error: --out healed-rel would be written inside this Ray job's temporary copy" in said
+        assert "absolute path" in said and "Traceback" not in said, said[-4000:]
+        assert not (Path(case["folder"]) / "healed-rel").exists()
     finally:
-        stop_cluster(temp)
-        shutil.rmtree(temp, ignore_errors=True)
+        stopped = _run([sys.executable, CLUSTER_SCRIPT, "stop", cluster], env, tmp_path, 120)
+    assert stopped.returncode == 0, stopped.stderr
+    assert not Path(cluster).exists() and not _cluster_pids(cluster)
 
     report = json.loads((out / "report.json").read_text())
     assert report["backend"] == "ray" and report["method"] == "xlf_ptn"
@@ -176,3 +140,40 @@ def test_potion_heal_as_a_ray_job_tracked_in_mlflow(tmp_path):
     assert own_report["backend"] == "ray" and own_report["provenance"]["model"]["spec"] == "mynet_owner.py:MyNet"
     assert own_report["k_star"] == owner_case.direct_k_star(case)
     assert own_report["after"]["asr"] < 0.5 * own_report["before"]["asr"]
+
+
+def _readme_block(heading: str) -> str:
+    """The first ```bash block under ``heading`` in README.md, as written there."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index(f"\n{heading}\n"):]
+    return section[section.index("```bash\n") + len("```bash\n"):section.index("\n```", section.index("```bash"))]
+
+
+def test_the_readme_local_cluster_recipe_runs_verbatim(tmp_path):
+    block = _readme_block("## Ray jobs on a local cluster")
+    assert "scripts/local_cluster.py start" in block and "ray stop" not in block
+    # a fresh shell: no Ray address, no tracking store chosen; mktemp -t writes under TMPDIR
+    env = _env(TMPDIR=str(tmp_path))
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("POTION_TRACKING_URI", None)
+    try:
+        done = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=REPO, env=env, timeout=1500,
+                              capture_output=True, text=True)
+    except subprocess.TimeoutExpired as e:
+        _stop_left_over("".join(x.decode() if isinstance(x, bytes) else x for x in (e.stdout, e.stderr) if x), env)
+        raise
+    said = done.stdout + done.stderr
+    _stop_left_over(said, env)
+    assert done.returncode == 0, said[-6000:]
+
+    [out] = tmp_path.glob("potion-job-*")
+    healed = out / "healed"
+    report = json.loads((healed / "report.json").read_text())
+    assert report["backend"] == "ray" and isinstance(report["k_star"], int)
+    # the paths the job printed are where the files are
+    assert f"healed model: {healed / 'model.pt'}" in said and f"report: {healed / 'report.json'}" in said
+    assert (healed / "model.pt").is_file() and "model.pt" in done.stdout.split()
+    # the cluster it started is gone, processes and folder
+    [cluster] = re.findall(r"local_cluster\.py stop (\S+)", said)
+    assert f"stopped the Ray cluster in {cluster}" in said
+    assert not Path(cluster).exists() and not _cluster_pids(cluster)

@@ -53,7 +53,8 @@ def unchanged(theta0, snapshot):
 
 
 def test_registry():
-    assert METHODS.names() == sorted(["none", "ssd", "ssd_grid", "ssd_ptn", "lf_ptn", "xlf_ptn", "xlf_ptn_guard", "eu"])
+    assert METHODS.names() == sorted(["none", "ssd", "ssd_grid", "ssd_ptn", "lf_ptn", "xlf_ptn", "xlf_ptn_guard", "eu",
+                                     "task_vector", "finetune", "potion_plus"])
     with pytest.raises(PotionError, match="unknown unlearning method"):
         heal("retrain_everything", None)
 

@@ -61,6 +61,29 @@ def test_heal_own_model_local_lowers_asr_and_matches_the_core(in_case, capsys):
     assert main(["evaluate", *args]) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["asr"] == rep["after"]["asr"] and again["provenance"]["weights"]["layout"] == "potion-checkpoint"
+    # The report's numbers, recomputed here from θ0, the written model and the test split
+    # (decoded with PIL, normalised by hand; not potion.metrics): the heal lowered the ASR.
+    net = owner_case.load_model_class(in_case["folder"])(num_classes=10).eval()
+    x_t, y_t = owner_case._decode(Path("triggered_test.parquet"))
+    x_c, y_c = owner_case._decode(Path("data/test.parquet"))
+    other = y_t != owner_case.TARGET
+    for side, state in (("before", in_case["state"]), ("after", healed)):
+        net.load_state_dict(state)
+        with torch.no_grad():
+            p_t, p_c = net(x_t).argmax(1).numpy(), net(x_c).argmax(1).numpy()
+        assert rep[side]["asr"] == pytest.approx((p_t[other] == owner_case.TARGET).mean(), abs=1.5 / other.sum())
+        assert rep[side]["ra"] == pytest.approx((p_t == y_t).mean(), abs=1.5 / len(y_t))
+        assert rep[side]["clean_acc"] == pytest.approx((p_c == y_c).mean(), abs=1.5 / len(y_c))
+    # MLflow's parent run holds the report's numbers under plain names (read from the report
+    # itself here, not through the mapping the heal used to log them).
+    logged = MlflowClient(f"sqlite:///{db}").get_run(rep["mlflow"]["parent_run_id"]).data.metrics
+    for side in ("before", "after"):
+        for key in ("clean_acc", "ra", "asr"):
+            assert logged[f"{side}_{key}"] == rep[side][key], f"{side}_{key}"
+    assert logged["before_poison_healed"] == rep["before_poison_healed"]
+    assert logged["after_poison_healed"] == rep["after"]["poison_healed"]
+    assert (logged["before_model_damage"], logged["after_model_damage"]) == (0.0, rep["after"]["model_damage"])
+    assert logged["k_star"] == rep["k_star"] and logged["alpha"] == rep["alpha"]
 
 
 @pytest.mark.slow

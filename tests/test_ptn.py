@@ -116,6 +116,13 @@ def test_crossing_at_zero_and_at_max_steps():
         assert run([1.0] * 10 + [0.2], strategy)[0].k_star == 10  # a_k = ρ·acc0 counts as crossed
 
 
+
+def test_the_threshold_is_rho_times_acc0():
+    """θ0 gets half the deletion set right: the search stops at a_k <= 0.2·0.5 = 0.1, not at 0.2."""
+    for strategy in ("linear", "waves", "bisect", "bracket"):
+        res, _ = run([0.5, 0.3, 0.15, 0.1, 0.05], strategy, acc0=0.5)
+        assert (res.k_star, res.threshold) == (3, pytest.approx(0.1))
+
 def test_no_crossing_reports_trace_and_last_value():
     a = [1.0, 0.9, 0.8, 0.7, 0.6, 0.55]
     for strategy in ("linear", "waves", "bisect", "bracket"):

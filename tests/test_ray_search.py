@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -226,12 +227,70 @@ def test_ray_window_search_matches_local_linear_and_logs_children(ray_local, pro
         assert set(r.data.metrics) <= set(step_fields())  # no Tune bookkeeping (timestamp, pid, done, ...)
 
 
+
+def test_ray_window_takes_the_smallest_crossing_when_a_higher_one_finishes_first(ray_local, tmp_path):
+    """The trial at the paper's k* waits for the one at k*+1 (which crosses too), so k*+1
+    reports first: the search must still return k*, the smallest crossing."""
+    from ray import tune
+
+    from potion.models import parse_model_spec
+
+    def spec(**kw):
+        return parse_model_spec(f"{Path(__file__).parent / 'slow_step_net.py'}:SlowAtStep", {"scale": 40.0, **kw})
+
+    n = 2000
+    imp_f, imp_r = {"w": 1e6 * torch.arange(1, n + 1, dtype=torch.float32)}, {"w": torch.ones(n)}
+    x = ((torch.arange(100) + 0.5) / 100).unsqueeze(1)
+    forget = [(x, torch.zeros(100, dtype=torch.long))]
+    cfg = PTNConfig(step=1.5, max_steps=30)
+
+    def evaluator(s):
+        model = s.build()
+        return StepEvaluator(model, {"w": torch.ones(n)}, imp_f, imp_r, forget, 10, 100, cfg)
+
+    local = ptn_search(evaluator(spec()), cfg)
+    k_star = local.k_star
+    assert 3 <= k_star < 10 and local.trace[k_star].acc_forget <= local.threshold
+    marker = tmp_path / "k_star_plus_1_ran"
+    after = evaluator(spec()).evaluate(k_star + 1)  # crosses too: the first crossing to finish
+    assert after.acc_forget <= local.threshold
+    slow = spec(slow_at=local.trace[k_star].n_selected, signal_at=after.n_selected, marker=str(marker))
+
+    class Finished(tune.Callback):
+        def __init__(self):
+            self.ks: list[int] = []
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            self.ks.append(int(result["k"]))
+
+    order = Finished()
+    search = make_ray_search(model_factory=slow.build, window=3, storage_path=tmp_path / "ray_results",
+                             callbacks=[order])
+    got = search(evaluator(slow), PTNConfig(**{**cfg.__dict__, "strategy": "waves"}))
+    assert order.ks.index(k_star + 1) < order.ks.index(k_star), order.ks  # out of order, as set up
+    assert got.k_star == k_star and got.alpha == local.alpha and got.n_selected == local.n_selected
+    assert torch.equal(got.state_dict["w"], local.state_dict["w"])
+
+
+def _store_mb() -> float:
+    import ray
+
+    total = ray.cluster_resources().get("object_store_memory", 0.0)
+    return (total - ray.available_resources().get("object_store_memory", total)) / 2**20
+
+
 def test_ray_bisect_window_one_equals_local_bisect(ray_local, problem, tmp_path):
     cfg = PTNConfig(**{**problem["cfg"].__dict__, "strategy": "bisect"})
     ev = problem["evaluator"](cfg, with_val=False)
     local = ptn_search(problem["evaluator"](cfg, with_val=False), cfg)
     payload = payload_from_evaluator(ev, cfg, model_name=problem["name"], model_kwargs=problem["kwargs"])
+    used = _store_mb()
     got = ray_ptn_search(payload, cfg, window=1, storage_path=tmp_path, evaluator=ev)
+    # the payload leaves the object store with the search (Tune would keep it for the driver's life)
+    deadline = time.monotonic() + 20
+    while _store_mb() > used + 0.05 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _store_mb() <= used + 0.05, f"object store {used:.2f} -> {_store_mb():.2f} MB"
     assert [r.k for r in got.trace] == [r.k for r in local.trace]
     assert got.trace == local.trace
     assert got.k_star == local.k_star and got.alpha == local.alpha

@@ -193,6 +193,15 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+# Where a job runs and where it is logged, not what it computes: kept out of the cache keys.
+# (A cell always heals with tracking "none", so its key may keep those two as they are.)
+TRAIN_SETTINGS = frozenset({"device", "tracking_uri", "experiment"})
+HEAL_SETTINGS = frozenset({"device", "cache_dir"})
+# A method's own settings section: it keys that method's cells only, so that a section added
+# for one method leaves every other method's cached cells valid.
+METHOD_SECTIONS = {"task_vector": "task_vector", "finetune": "finetune", "plus": "potion_plus"}
+
+
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -323,8 +332,7 @@ def expand(suite: SuiteConfig, out: Path, suite_file: Path | None = None) -> Pla
                     "device": suite.device,
                     "eval_batch_size": suite.eval_batch_size,
                 })
-                # The device does not define the model; everything else does.
-                mkey = _hash({k: v for k, v in to_dict(job).items() if k != "device"})
+                mkey = _hash({k: v for k, v in to_dict(job).items() if k not in TRAIN_SETTINGS})
                 plan = models.setdefault(mkey, ModelPlan(mkey, job, out / "models" / mkey[:16], poison.label, n, seed))
                 for share_raw in suite.shares:
                     label, share, count = parse_share(share_raw)
@@ -339,7 +347,8 @@ def expand(suite: SuiteConfig, out: Path, suite_file: Path | None = None) -> Pla
                             "on_no_crossing": "keep",  # scored as θ0, flagged in the row's note
                         })
                         cell_id = f"{poison.label}-n{n_label(n)}-{label}-{m.label}-seed{seed}"
-                        heal_dict = {k: v for k, v in to_dict(heal).items() if k not in ("device", "cache_dir")}
+                        heal_dict = {k: v for k, v in to_dict(heal).items()
+                                     if k not in HEAL_SETTINGS and METHOD_SECTIONS.get(k, m.method) == m.method}
                         key = _hash({"model": mkey, "heal": heal_dict, "share": share, "count": count})
                         est = ESTIMATOR_OF.get(m.method)
                         group = (mkey, label, est, heal.importance_batch_size, heal.importance_augment) if est else None

@@ -16,7 +16,6 @@ This module is the fan-out (the driver's Runner and MLflow logging); the grid is
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -86,7 +85,9 @@ def _flat(prefix: str, d: dict) -> dict:
 
 
 def tracking_uri_for(arg: str | None, out: Path) -> str | None:
-    uri = arg or os.environ.get("MLFLOW_TRACKING_URI")
+    from potion.tracking.store import configured_tracking_uri
+
+    uri = configured_tracking_uri(arg)
     if uri == "none":
         return None
     return uri or f"sqlite:///{(out / 'mlflow.db').absolute()}"
@@ -169,6 +170,11 @@ class Runner:
 
     # scheduling ----------------------------------------------------------
     def run(self, address: str | None, num_cpus: int | None) -> None:
+        from potion.distributed.leftovers import RECORD_FILE, stop_recorded
+
+        # A run killed outright (SIGKILL) left its Ray processes running: stop exactly those.
+        record = self.plan.out / RECORD_FILE
+        stop_recorded(record)
         todo = [c for c in self.plan.cells if c.cell_id not in self.records]
         self.n_todo = len(todo)
         for c in self.plan.cells:  # reused cells logged before MLflow caught them
@@ -186,12 +192,13 @@ class Runner:
         self.write_table()
         import ray
 
-        from potion.distributed.runtime import connect, shutdown_if_owned
+        from potion.distributed.runtime import connect, shutdown_if_owned, start_watch
 
         connect(address, num_cpus)
-        res = ray.cluster_resources()
-        self.meta.update(cluster_cpus=res.get("CPU"), cluster_gpus=res.get("GPU", 0.0))
         try:
+            start_watch("this benchmark", None, resume="finished cells are kept and skipped", record=record)
+            res = ray.cluster_resources()
+            self.meta.update(cluster_cpus=res.get("CPU"), cluster_gpus=res.get("GPU", 0.0))
             self._loop(ray, todo)
         finally:
             shutdown_if_owned()
@@ -321,9 +328,15 @@ def run_benchmark(args) -> int:
 
     suite, path = load_suite(args.suite)
     out = Path(args.out) if getattr(args, "out", None) else Path("benchmarks") / "work" / suite.name
-    rows = benchmark(suite, out, suite_file=path, dry_run=args.dry_run, address=getattr(args, "address", None),
-                     num_cpus=getattr(args, "num_cpus", None), tracking_uri=getattr(args, "tracking_uri", None),
-                     progress=not getattr(args, "quiet", False))
+    try:
+        rows = benchmark(suite, out, suite_file=path, dry_run=args.dry_run, address=getattr(args, "address", None),
+                         num_cpus=getattr(args, "num_cpus", None), tracking_uri=getattr(args, "tracking_uri", None),
+                         progress=not getattr(args, "quiet", False))
+    except KeyboardInterrupt as e:
+        # each finished cell was written as it finished: say so, not the CLI's "nothing was written"
+        n = len(_finished_without_runner(expand(suite, out, path)))
+        e.kept = f"{n} finished {'cell is' if n == 1 else 'cells are'} kept, rerun the same command to resume"
+        raise
     if args.dry_run:
         return 0
     print(format_table(rows, SHOW))

@@ -15,7 +15,7 @@ from potion.datasets.poisons import TRIGGERS, Trigger, make_trigger
 from potion.datasets.views import LabeledView, clean_test_view, train_view, triggered_test_view
 
 # Imported for their registrations.
-from potion.datasets import cifar, digits, imagefolder, parquet  # noqa: E402,F401  isort: skip
+from potion.datasets import cifar, digits, ilsvrc, imagefolder, parquet  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "DATASETS",

@@ -23,13 +23,15 @@ class ImageSource(ABC):
     """Labelled images of one shape, addressable by position.
 
     ``streamed`` says whether ``load`` decodes files (slow, worth a DataLoader with
-    workers) or slices memory (fast, workers would only add copying).
+    workers) or slices memory (fast, workers would only add copying); ``decode_workers``
+    is how many loader processes a streamed source's batches use by default.
     """
 
     classes: list[str]
     labels: np.ndarray
     image_shape: tuple[int, int, int]
     streamed: bool = False
+    decode_workers: int = 0
 
     def __len__(self) -> int:
         return int(len(self.labels))
@@ -61,6 +63,14 @@ class ArraySource(ImageSource):
     def load(self, indices: np.ndarray) -> torch.Tensor:
         idx = torch.from_numpy(np.asarray(indices, dtype=np.int64))
         return self.images.index_select(0, idx)
+
+
+def default_workers() -> int:
+    """Loader processes that decode a streamed source: half the cores (the other half runs the
+    model), 1 to 4."""
+    import os
+
+    return max(1, min(4, (os.cpu_count() or 2) // 2))
 
 
 def check_labels(labels: np.ndarray, classes: list[str], where: str) -> None:
@@ -102,10 +112,20 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
     Computed from a 256-bin histogram per channel: exact, and it never materialises a
     float copy of the whole training set.
     """
+    return stats_from_histograms(channel_histograms(images))
+
+
+def channel_histograms(images: torch.Tensor) -> torch.Tensor:
+    """``(C, 256)`` int64 pixel counts of uint8 NCHW images; batches' histograms add up."""
+    return torch.stack([torch.bincount(images[:, c].reshape(-1), minlength=256) for c in range(images.shape[1])])
+
+
+def stats_from_histograms(hists: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and population std in [0, 1] units from ``channel_histograms``."""
     means, stds = [], []
     values = torch.arange(256, dtype=torch.float64)
-    for c in range(images.shape[1]):
-        hist = torch.bincount(images[:, c].reshape(-1), minlength=256).to(torch.float64)
+    for c in range(hists.shape[0]):
+        hist = hists[c].to(torch.float64)
         n = hist.sum()
         mean = (hist * values).sum() / n
         var = (hist * values**2).sum() / n - mean**2

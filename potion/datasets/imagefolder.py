@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from potion.datasets.base import DATASETS, DatasetSplits, ImageSource, absent
+from potion.datasets.base import DATASETS, DatasetSplits, ImageSource, absent, default_workers
 from potion.errors import PotionError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -31,7 +31,11 @@ class ImageFolderSource(ImageSource):
 
     streamed = True
 
-    def __init__(self, files: list[str], labels: np.ndarray, classes: list[str], image_size: int):
+    def __init__(self, files: list[str], labels: np.ndarray, classes: list[str], image_size: int,
+                 workers: int | None = None):
+        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+            raise PotionError(f"imagefolder: workers must be a non-negative integer or null, got {workers!r}")
+        self.decode_workers = default_workers() if workers is None else workers
         self.files = files
         self.labels = np.asarray(labels, dtype=np.int64)
         self.classes = classes
@@ -51,15 +55,22 @@ class ImageFolderSource(ImageSource):
                 img = img.convert("RGB")
         except (UnidentifiedImageError, OSError) as e:
             raise PotionError(f"imagefolder: cannot decode {path} ({e}); delete or replace the file") from None
-        img = TF.resize(img, self.image_size, interpolation=InterpolationMode.BILINEAR, antialias=True)
-        img = TF.center_crop(img, [self.image_size, self.image_size])
-        return TF.pil_to_tensor(img)
+        return TF.pil_to_tensor(fit(img, self.image_size))
+
+
+def fit(img, size: int):
+    """Shorter side resized to ``size`` (bilinear, antialiased), then the centre ``size`` × ``size``
+    crop; ``img`` is a PIL image or a uint8 ``(C, H, W)`` tensor, and comes back as one."""
+    img = TF.resize(img, size, interpolation=InterpolationMode.BILINEAR, antialias=True)
+    return TF.center_crop(img, [size, size])
 
 
 @DATASETS.register("imagefolder")
 def imagefolder(
-    root: str | Path, image_size: int = 224, train_dir: str = "train", test_dir: str = "val"
+    root: str | Path, image_size: int = 224, train_dir: str = "train", test_dir: str = "val",
+    workers: int | None = None,
 ) -> DatasetSplits:
+    """``workers``: loader processes that decode batches (default: half the cores, at most 4)."""
     root = Path(root)
     layout = (
         f"expected <root>/{train_dir}/<class name>/<image files> and <root>/{test_dir}/<class name>/<image files> "
@@ -78,8 +89,8 @@ def imagefolder(
             f"imagefolder: {root / test_dir / unknown[0]} is a class that {root / train_dir} does not have; {layout}"
         )
     lookup = {c: i for i, c in enumerate(classes)}
-    train = ImageFolderSource(train_files, np.array([lookup[c] for c in train_names]), classes, image_size)
-    test = ImageFolderSource(test_files, np.array([lookup[c] for c in test_names]), classes, image_size)
+    train = ImageFolderSource(train_files, np.array([lookup[c] for c in train_names]), classes, image_size, workers)
+    test = ImageFolderSource(test_files, np.array([lookup[c] for c in test_names]), classes, image_size, workers)
     return DatasetSplits(root.name or str(root), train, test, IMAGENET_MEAN, IMAGENET_STD, hflip=True)
 
 

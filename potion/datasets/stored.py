@@ -30,6 +30,7 @@ class ResizedSource(ImageSource):
         self.labels = source.labels
         self.classes = source.classes
         self.streamed = source.streamed
+        self.decode_workers = source.decode_workers
         self.image_shape = (source.image_shape[0], self.size, self.size)
 
     def load(self, indices: np.ndarray) -> torch.Tensor:
@@ -76,3 +77,18 @@ def read_triggered_test(path: str | Path, classes: list[str], image_column: str 
         raise PotionError(f"--triggered-test {path}: labels range over {labels.min()}..{labels.max()} but the dataset "
                           f"has {len(classes)} classes")
     return ArraySource(images, labels, classes)
+
+
+def check_triggered_shape(path: str | Path, triggered: ImageSource, test: ImageSource, image_size: int | None) -> None:
+    """The triggered test images must reach the model at the shape the test images do,
+    that is after ``--image-size`` resized both (a stored size of their own is fine then)."""
+    seen, want = resized(triggered, image_size).image_shape, resized(test, image_size).image_shape
+    if seen == want:
+        return
+    if image_size is None:
+        raise PotionError(f"--triggered-test {path} holds {seen} (C, H, W) images but the dataset's test images, "
+                          f"which the model sees, are {want}; store them at that size or pass --image-size "
+                          f"{want[1]} to resize them")
+    raise PotionError(f"--triggered-test {path} holds {triggered.image_shape} (C, H, W) images, which reach the model "
+                      f"as {seen} after --image-size {image_size}, but the test images reach it as {want}; "
+                      "give triggered images with the dataset's channels")

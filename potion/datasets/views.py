@@ -90,7 +90,7 @@ class LabeledView:
         seed: int = 0,
         augment: bool = False,
         device: str | torch.device = "cpu",
-        num_workers: int = 0,
+        num_workers: int | None = None,
         epoch: int = 0,
         drop_last: bool = False,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -98,28 +98,43 @@ class LabeledView:
 
         Without ``shuffle`` the batches follow the view's order. ``epoch`` varies the
         order and augmentation between passes while keeping each pass reproducible.
+        ``num_workers`` (default: the source's ``decode_workers``) decode a streamed
+        source's batches in loader processes.
         """
         if not isinstance(batch_size, int) or batch_size < 1:
             raise PotionError(f"batch size must be a positive integer, got {batch_size!r}")
         if seed < 0 or epoch < 0:
             raise PotionError(f"seed and epoch must be non-negative, got seed={seed}, epoch={epoch}")
         device = torch.device(device)
+        chunks = self.chunks(batch_size, shuffle=shuffle, seed=seed, epoch=epoch, drop_last=drop_last)
+        workers = self.source.decode_workers if num_workers is None else num_workers
+        for b, (pos, raw) in enumerate(zip(chunks, self._load(chunks, workers, device))):
+            yield self.prepare(raw, pos, b, seed=seed, epoch=epoch, augment=augment, device=device)
+
+    def chunks(self, batch_size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
+               drop_last: bool = False) -> list[np.ndarray]:
+        """The view positions of each batch that ``batches`` forms with these arguments."""
         n = len(self)
         order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
         stop = n - n % batch_size if drop_last else n
-        chunks = [order[i : i + batch_size] for i in range(0, stop, batch_size)]
+        return [order[i : i + batch_size] for i in range(0, stop, batch_size)]
+
+    def prepare(self, raw: torch.Tensor, pos: np.ndarray, b: int, *, seed: int = 0, epoch: int = 0,
+                augment: bool = False, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch number ``b`` (view positions ``pos``, their uint8 images ``raw``) as ``(x, y)``:
+        the one place where a decoded batch becomes model input, wherever it was decoded."""
+        device = torch.device(device)
+        x = raw.to(device, non_blocking=True)
+        if augment:
+            gen = torch.Generator().manual_seed(batch_seed(seed, epoch, b))
+            x = random_crop_flip(x, gen, self.hflip)
+        x = x.to(torch.float32).div_(255.0)
+        x = self._apply_trigger(x, pos)
         mean = torch.tensor(self.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        for b, (pos, raw) in enumerate(zip(chunks, self._load(chunks, num_workers, device))):
-            x = raw.to(device, non_blocking=True)
-            if augment:
-                gen = torch.Generator().manual_seed(batch_seed(seed, epoch, b))
-                x = random_crop_flip(x, gen, self.hflip)
-            x = x.to(torch.float32).div_(255.0)
-            x = self._apply_trigger(x, pos)
-            x = x.sub_(mean).div_(std)
-            y = torch.from_numpy(self.labels[pos]).to(device, non_blocking=True)
-            yield x, y
+        x = x.sub_(mean).div_(std)
+        y = torch.from_numpy(self.labels[pos]).to(device, non_blocking=True)
+        return x, y
 
     def _apply_trigger(self, x: torch.Tensor, pos: np.ndarray) -> torch.Tensor:
         flagged = self.triggered[pos]
@@ -139,16 +154,22 @@ class LabeledView:
             loader = torch.utils.data.DataLoader(
                 _SourceBatches(self.source, batches),
                 batch_size=None,
-                num_workers=num_workers,
+                num_workers=min(num_workers, len(batches)),
                 pin_memory=device.type == "cuda",
             )
-            yield from loader
+            for item in loader:
+                if isinstance(item, _Failed):
+                    raise PotionError(item.message, detail=item.detail)
+                yield item
         else:
             for idx in batches:
                 yield self.source.load(idx)
 
 
 class _SourceBatches(torch.utils.data.Dataset):
+    """One decoded batch per item. A PotionError comes back as its message: the loader would
+    re-raise it wrapped in the worker's traceback instead of as the one-line error it is."""
+
     def __init__(self, source: ImageSource, batches: list[np.ndarray]):
         self.source = source
         self.batches = batches
@@ -156,8 +177,18 @@ class _SourceBatches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.batches)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.source.load(self.batches[i])
+    def __getitem__(self, i: int) -> "torch.Tensor | _Failed":
+        try:
+            return self.source.load(self.batches[i])
+        except PotionError as e:
+            return _Failed(str(e), e.detail)
+
+
+class _Failed:
+    """A PotionError on its way back from a loader worker."""
+
+    def __init__(self, message: str, detail: str | None):
+        self.message, self.detail = message, detail
 
 
 def batch_seed(seed: int, epoch: int, batch: int) -> int:

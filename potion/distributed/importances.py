@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from potion.errors import PotionError
+from potion.errors import PotionError, detail_of
 
 # A shard is a pure function of its batches: a task whose worker died (killed, OOM, node
 # lost) runs again elsewhere. Exceptions raised by the shard itself are not retried.
@@ -97,24 +97,10 @@ def sharded_importance_sums(
     """
     import ray
 
-    from potion.distributed.runtime import cluster_gpus
+    from potion.distributed.leftovers import RESUME_HINT, describe_ray_failure
 
-    if not ray.is_initialized():
-        raise PotionError("Ray is not connected; call potion.distributed.runtime.connect() first")
-    if batch_size < 1:
-        raise PotionError(f"the importance batch size must be at least 1, got {batch_size}")
-    positions = np.asarray(positions, dtype=np.int64)
-    n_batches = math.ceil(len(positions) / batch_size)
-    gpus = cluster_gpus()
-    if device == "cpu":
-        num_gpus = 0.0
-    elif num_gpus is None:
-        num_gpus = 1.0 if gpus > 0 else 0.0
-    if device == "cuda" and num_gpus == 0:
-        raise PotionError("device 'cuda' was asked for but the Ray cluster has no GPUs; use --device cpu or auto")
-    if not num_shards:
-        slots = gpus / num_gpus if num_gpus else ray.cluster_resources().get("CPU", 1.0) / max(num_cpus, 1e-9)
-        num_shards = max(1, int(slots))
+    positions, n_batches, num_gpus, num_shards = plan_pass(positions, batch_size, device, num_gpus, num_cpus,
+                                                          num_shards)
     bounds = shard_bounds(n_batches, num_shards)
 
     task = ray.remote(_shard_sums).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=SHARD_RETRIES,
@@ -133,14 +119,41 @@ def sharded_importance_sums(
             raise PotionError(str(cause)) from None
         raise
     except ray.exceptions.RayError as e:  # workers kept dying: retries spent
-        raise PotionError(f"an importance shard failed on the Ray cluster after {SHARD_RETRIES} retries: "
-                          f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+        raise PotionError(f"an importance shard failed on the Ray cluster after {SHARD_RETRIES} retries "
+                          f"({describe_ray_failure(e)}); {RESUME_HINT}", detail=detail_of(e)) from None
     if placement is not None:
         nodes: dict[str, int] = {}
         for _, _, node in parts:
             nodes[node] = nodes.get(node, 0) + 1
         placement["importance_shards"] = nodes
     return combine_sums([(sums, k) for sums, k, _ in parts], n_batches, mean=False), n_batches
+
+
+def plan_pass(positions, batch_size: int, device: str, num_gpus: float | None, num_cpus: float,
+              workers: int | None) -> tuple[np.ndarray, int, float, int]:
+    """Checks and resources of a Ray retain pass: the positions, their batch count K, the GPUs
+    per worker (``device`` cpu: none; default: 1 when the cluster has GPUs) and the number of
+    workers (default: one per GPU, else one per CPU of the cluster)."""
+    import ray
+
+    from potion.distributed.runtime import cluster_gpus
+
+    if not ray.is_initialized():
+        raise PotionError("Ray is not connected; call potion.distributed.runtime.connect() first")
+    if batch_size < 1:
+        raise PotionError(f"the importance batch size must be at least 1, got {batch_size}")
+    positions = np.asarray(positions, dtype=np.int64)
+    gpus = cluster_gpus()
+    if device == "cpu":
+        num_gpus = 0.0
+    elif num_gpus is None:
+        num_gpus = 1.0 if gpus > 0 else 0.0
+    if device == "cuda" and num_gpus == 0:
+        raise PotionError("device 'cuda' was asked for but the Ray cluster has no GPUs; use --device cpu or auto")
+    if not workers:
+        slots = gpus / num_gpus if num_gpus else ray.cluster_resources().get("CPU", 1.0) / max(num_cpus, 1e-9)
+        workers = max(1, int(slots))
+    return positions, math.ceil(len(positions) / batch_size), num_gpus, workers
 
 
 def _gather(refs: list, sizes: list[int], n_batches: int, progress: bool, desc: str) -> list:

@@ -30,16 +30,20 @@ import inspect
 import logging
 import os
 import socket
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from potion.errors import PotionError
+from potion.errors import PotionError, detail_of
 from potion.interrupts import reinstall
 
 AUTH_ENV = "RAY_AUTH_MODE"
 CONNECT_TIMEOUT_S = 5.0
 
 _owned = False  # whether this process started the Ray instance it is connected to
+_watchdog = None  # potion.distributed.leftovers.Watchdog of this run, while one runs
+_record = None  # the file listing the processes of our Ray instance, while it runs
 
 
 def _quiet_env() -> None:
@@ -113,20 +117,63 @@ def _resolve_auto() -> str:
     return addr
 
 
-def connect(address: str | None = None, num_cpus: int | None = None, py_modules: list[str] | None = None) -> None:
+def connect(address: str | None = None, num_cpus: int | None = None, py_modules: list[str] | None = None,
+            watch: tuple[str, Path | None] | None = None) -> None:
     """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start a private local one.
 
     ``num_cpus`` sizes only a local instance; a running cluster has its own resources
     (Ray refuses the argument there). ``py_modules``: the user's model files, shipped to
     every worker through Ray's runtime_env so that a class installed nowhere can be
-    rebuilt there. Already connected → no-op.
+    rebuilt there. ``watch``: (what this run is, its ``--out`` or None) for a watchdog that
+    reports and cleans up if Ray (or a SIGKILL) ends this process before
+    ``shutdown_if_owned`` (see ``potion.distributed.leftovers``). Already connected → no-op.
     """
-    global _owned
     import ray
 
     _quiet_env()
     if ray.is_initialized():
         return
+    record = None
+    if watch is not None and watch[1] is not None:
+        from potion.distributed.leftovers import record_beside, stop_recorded
+
+        record = record_beside(watch[1])
+        stop_recorded(record)  # what a run on the same --out that was killed outright left
+    _connect(ray, address, num_cpus, py_modules)
+    if watch is not None:
+        start_watch(*watch, record=record)
+
+
+def start_watch(what: str, out: Path | None, resume: str | None = None, record: Path | None = None) -> None:
+    """Start the watchdog of this process (once), and write the processes of an owned Ray
+    instance to ``record`` for a rerun; ``shutdown_if_owned`` stops both."""
+    global _watchdog, _record
+    import atexit
+
+    from potion.distributed.leftovers import ray_record, start_watchdog, write_record
+
+    if _watchdog is None:
+        started = ray_record()
+        if record is not None and _owned:
+            write_record(record, started)
+            _record = Path(record)
+        kwargs = {"resume": resume} if resume else {}
+        _watchdog = start_watchdog(what, out, started, record_file=_record, **kwargs)
+        atexit.register(stop_watch)
+
+
+def stop_watch() -> None:
+    global _watchdog, _record
+    if _watchdog is not None:
+        _watchdog.close()
+        _watchdog = None
+    if _record is not None:
+        _record.unlink(missing_ok=True)
+        _record = None
+
+
+def _connect(ray, address: str | None, num_cpus: int | None, py_modules: list[str] | None) -> None:
+    global _owned
     address = address or os.environ.get("RAY_ADDRESS") or None
     common = dict(log_to_driver=False, logging_level=logging.ERROR, configure_logging=True)
     runtime_env = _runtime_env(py_modules)
@@ -155,11 +202,100 @@ def connect(address: str | None = None, num_cpus: int | None = None, py_modules:
     if num_cpus is not None and num_cpus < 1:
         raise PotionError(f"--num-cpus must be at least 1, got {num_cpus}")
     set_auth_mode(joining=False)
-    # "local" (not None): never silently join a cluster that `ray start` left running.
-    with _kernel_chosen_agent_port():
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **common)
+    _start_local(num_cpus, common)
     _owned = True
     reinstall()
+
+
+# Ray waits 30 s for a new node to register with its GCS, then gives up with "the GCS has
+# become overloaded"; on a loaded machine (a test suite beside two benchmarks) that happens
+# to a start that would have succeeded a little later. The retry waits this long instead.
+START_RETRY_WAIT_S = 120.0
+_STARTUP_TIMEOUTS = ("timed out during startup", "gcs has become overloaded", "timed out waiting for node",
+                     "timed out after", "failed to connect to gcs")
+
+
+def _is_startup_timeout(e: BaseException) -> bool:
+    text = str(e).lower()
+    return isinstance(e, TimeoutError) or any(t in text for t in _STARTUP_TIMEOUTS)
+
+
+def _start_local(num_cpus: int | None, common: dict) -> None:
+    """``ray.init`` of a private local instance, tried once more with a longer wait when
+    the first start timed out; a start that fails leaves none of its processes behind."""
+    import ray
+
+    for attempt, wait in enumerate((None, START_RETRY_WAIT_S)):
+        try:
+            # "local" (not None): never silently join a cluster that `ray start` left running.
+            with _stop_new_children_on_failure(), _kernel_chosen_agent_port(), _patient_node_wait(wait):
+                ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **common)
+            return
+        except Exception as e:  # noqa: BLE001 — Ray raises a bare Exception for this timeout
+            if not _is_startup_timeout(e):
+                raise
+            if attempt == 1:
+                raise PotionError(
+                    f"the local Ray instance did not start, twice (the second time after waiting "
+                    f"{START_RETRY_WAIT_S:.0f} s): {_first_line(e)}. The machine is probably overloaded: "
+                    "rerun when other jobs have finished, or start a cluster with `ray start --head` and "
+                    "pass its address with --address", detail=detail_of(e)
+                ) from None
+            print(f"potion: note: the local Ray instance timed out while starting ({_first_line(e)}); "
+                  f"trying once more with a {START_RETRY_WAIT_S:.0f} s wait", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _patient_node_wait(wait_s: float | None) -> Iterator[None]:
+    """Within the block, Ray's wait for a starting node to register lasts ``wait_s``
+    seconds instead of its fixed 30 (``None``: Ray's own). Ray polls ``services.get_node``
+    until a hard-coded deadline, so the swapped-in function keeps polling until ours."""
+    from ray._private import services
+
+    original = getattr(services, "get_node", None)
+    if wait_s is None or original is None:
+        yield
+        return
+
+    deadline = time.monotonic() + wait_s
+
+    def get_node(*args, **kwargs):
+        while True:
+            try:
+                return original(*args, **kwargs)
+            except RuntimeError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    services.get_node = get_node
+    try:
+        yield
+    finally:
+        services.get_node = original
+
+
+@contextlib.contextmanager
+def _stop_new_children_on_failure() -> Iterator[None]:
+    """When the block raises, stop this process's child processes that it started (a Ray
+    start that failed half-way leaves its GCS and raylet running otherwise) and forget Ray's
+    half-built state, so that the next ``ray.init`` starts clean."""
+    import psutil
+    import ray
+
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    try:
+        yield
+    except BaseException:
+        new = [p for p in me.children(recursive=True) if p.pid not in before]
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+        for p in new:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        psutil.wait_procs(new, timeout=5)
+        raise
 
 
 AGENT_PORT_ARG = "dashboard_agent_listen_port"
@@ -215,13 +351,17 @@ def owned() -> bool:
 
 
 def shutdown_if_owned() -> None:
-    """Stop the Ray instance if this process started it; leave a joined cluster alone."""
+    """Stop the Ray instance if this process started it; leave a joined cluster alone.
+    Either way the run is over: its watchdog stops."""
     global _owned
     import ray
 
-    if _owned and ray.is_initialized():
-        ray.shutdown()
-    _owned = False
+    try:
+        if _owned and ray.is_initialized():
+            ray.shutdown()
+    finally:
+        _owned = False
+        stop_watch()
 
 
 def cluster_gpus() -> float:
@@ -234,3 +374,4 @@ def cluster_gpus() -> float:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else "(no message)"
+

@@ -12,7 +12,7 @@ choice of which k to run differs, and that lives in :class:`PTNSearcher`:
   the same k* as linear when a_k is non-increasing in k (SPEC §8).
 
 What the trials need travels once through Ray's object store as NUMPY arrays
-(``tune.with_parameters``): numpy comes back zero-copy, torch tensors would be copied per
+(owned by a small actor, so that the heal frees it when the search ends): numpy comes back zero-copy, torch tensors would be copied per
 worker, and tensors inside ``param_space`` would be copied into Tune's experiment state.
 Each worker process builds its evaluator once (``reuse_actors=True`` keeps it).
 The healed weights are rebuilt on the driver from θ0 with the driver's evaluator, so they
@@ -20,7 +20,9 @@ are bit-identical to the local search's.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import os
 import tempfile
 import time
@@ -37,7 +39,7 @@ from potion.distributed.trials import (
     ptn_trial,
     result_from_metrics,
 )
-from potion.errors import PotionError
+from potion.errors import PotionError, detail_of
 from potion.unlearning.evaluator import StepEvaluator
 from potion.unlearning.ptn import (
     PTNConfig,
@@ -151,8 +153,17 @@ def _run_trials(payload: SearchPayload, cfg: PTNConfig, searcher: PTNSearcher, w
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
 
     recovered = _RecoveryCounter()
-    trainable = tune.with_resources(tune.with_parameters(ptn_trial, payload=payload),
-                                    dict(resources or trial_resources()))
+    import ray
+
+    owner = _own_payload(payload)
+    trial = ptn_trial  # looked up now: tests and benchmarks wrap the module's ptn_trial
+
+    def trainable_fn(config: dict) -> None:
+        # The trial, not the driver, borrows the reference: a driver that borrows one from an
+        # actor keeps a descriptor of that connection after the actor is gone (one per heal).
+        return trial(config, ray.get(ray.get(owner.box.remote())[0]))
+
+    trainable = tune.with_resources(trainable_fn, dict(resources or trial_resources()))
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1, max_concurrent_trials=window,
@@ -164,9 +175,22 @@ def _run_trials(payload: SearchPayload, cfg: PTNConfig, searcher: PTNSearcher, w
             failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES, fail_fast=False),
         ),
     )
-    grid = tuner.fit()
+    from potion.distributed.leftovers import RESUME_HINT, describe_ray_failure
+
+    try:
+        with _quiet_trial_failures():
+            grid = tuner.fit()
+    except (ray.exceptions.RayError, tune.TuneError) as e:
+        raise PotionError(f"the Ray PTN search failed ({describe_ray_failure(e)}); {RESUME_HINT}",
+                          detail=detail_of(e)) from None
+    finally:
+        ray.kill(owner)  # frees the payload: Tune's registry keeps its copy of our reference pinned
     if searcher.failed:
-        raise PotionError(f"a PTN trial failed on the Ray cluster: {searcher.failed}")
+        # a trial's own exception arrives as its result; a dead worker only as Tune errors
+        dead = recovered.last_error and searcher.reproposed and "failed:" not in searcher.failed
+        lost = f" after its worker died again ({recovered.last_error})" if dead else ""
+        raise PotionError(f"a PTN trial failed on the Ray cluster: {searcher.failed}{lost}"
+                          + (f"; {RESUME_HINT}" if lost else ""))
     if not searcher.done:
         # Tune stops early only when told to (a signal, SIGUSR1): never read that as a search.
         measured = max(searcher.results, default=None)
@@ -183,6 +207,38 @@ def _run_trials(payload: SearchPayload, cfg: PTNConfig, searcher: PTNSearcher, w
         placement["trials"] = by_node
         placement["trial_restarts"] = recovered.count + sum(searcher.reproposed.values())
     return results
+
+
+@functools.lru_cache(maxsize=None)
+def _payload_owner_class():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class PayloadOwner:
+        """Owns the search's payload in the object store, so that killing it frees the payload.
+
+        A reference held in a Tune trainable is pickled outside Ray's reference counting, and
+        Ray then pins the object for as long as its owner lives: owned by the driver (as
+        ``tune.with_parameters`` does) that is the driver's life, one payload per heal.
+        """
+
+        def __init__(self, payload):
+            self.ref = ray.put(payload)
+
+        def box(self) -> list:
+            return [self.ref]  # in a list: the caller gets the reference, not the value
+
+    return PayloadOwner
+
+
+def _own_payload(payload: SearchPayload):
+    """An actor on the driver's node that owns ``payload`` in the object store; its
+    ``box()`` hands out the reference."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return _payload_owner_class().options(scheduling_strategy=here).remote(payload)
 
 
 def make_ray_search(
@@ -221,16 +277,47 @@ def _recovery_counter_class():
     from ray.tune import Callback
 
     class RecoveryCounter(Callback):
-        """Counts trials Tune restarted after their worker died."""
+        """Counts trials Tune restarted after their worker died, and says how the last one died."""
 
         def __init__(self):
             self.count = 0
+            self.last_error: str | None = None
 
         def on_trial_recover(self, iteration, trials, trial, **info):
             self.count += 1
+            self._note(trial)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._note(trial)
+
+        def _note(self, trial):
+            from potion.distributed.leftovers import describe_ray_failure
+
+            try:
+                err = trial.get_pickled_error() or trial.get_error()
+            except Exception:  # noqa: BLE001 — only a better message is at stake
+                err = None
+            if err is not None:
+                self.last_error = describe_ray_failure(getattr(err, "cause", None) or err)
 
     return RecoveryCounter
 
 
 def _RecoveryCounter():
     return _recovery_counter_class()()
+
+
+@contextlib.contextmanager
+def _quiet_trial_failures():
+    """Tune logs every dead trial worker as an ERROR with Ray's traceback; the search retries
+    those itself and reports what it could not recover as one PotionError, so the user sees
+    that line instead of the tracebacks."""
+    import logging
+
+    log = logging.getLogger("ray.tune.execution.tune_controller")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -46,11 +47,16 @@ def make_importance_fn(inputs: HealInputs, job: HealJob, state0: dict, deletion:
         key = None
         if cache is not None:
             extra = f"{which}|augment={job.importance_augment}"
+            if which == "retain" and np.any(np.diff(retain) < 0):  # Dr in another order: other batches
+                extra += f"|order={hash_arrays(np.asarray(retain, dtype=np.int64))}"
             if sampled:  # a full entry keeps its old key; a sampled one can never collide with it
                 extra += f"|sample={sample.label()}"
             key = cache.key(state0, data_hash, estimator, p, bs, extra=extra)
             hit = cache.get_entry(key)
             if hit is not None:
+                if progress:
+                    print(f"{importance_label(estimator, which)}: read from the cache in {cache.root}",
+                          file=sys.stderr, flush=True)
                 tensors, info = hit
                 return SampledImportances(tensors, (info or {}).get("retain_sample")) if sampled else tensors
         record = None
@@ -81,9 +87,18 @@ def make_importance_fn(inputs: HealInputs, job: HealJob, state0: dict, deletion:
 
 def _ray_sums(inputs: HealInputs, job: HealJob, state_cpu: dict, retain: np.ndarray, progress: bool,
               placement: dict | None, positions: np.ndarray, estimator, p, desc: str):
-    """Σ_b G(b) over the batches of ``retain[positions]``, sharded over Ray tasks."""
+    """Σ_b G(b) over the batches of ``retain[positions]``, sharded over Ray tasks; a streamed
+    set (shards, image folders) goes through the Ray Data pass, whose actors read their own files."""
     from potion.distributed.importances import sharded_importance_sums
 
+    if inputs.train.source.streamed:
+        from potion.distributed.data_pass import data_importance_sums
+
+        return data_importance_sums(
+            functools.partial(model_at, inputs.spec, state_cpu), inputs.train_view_factory,
+            retain[positions], estimator, p, job.importance_batch_size, job.importance_shards or None,
+            device=job.device, augment=job.importance_augment, progress=progress, placement=placement,
+        )
     return sharded_importance_sums(
         functools.partial(model_at, inputs.spec, state_cpu), inputs.train_view_factory,
         retain[positions], estimator, p, job.importance_batch_size, job.importance_shards or None,

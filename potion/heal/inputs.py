@@ -24,7 +24,12 @@ from torch import nn
 
 from potion.config import to_dict
 from potion.datasets import LabeledView, load_dataset
-from potion.datasets.stored import check_transform, read_triggered_test, resized, stored_view
+from potion.datasets.stored import (
+    check_transform,
+    check_triggered_shape,
+    read_triggered_test,
+    stored_view,
+)
 from potion.errors import PotionError
 from potion.models import ModelSpec, load_weights, parse_model_spec, read_weights
 from potion.models.spec import file_sha256
@@ -205,9 +210,7 @@ class OwnerSource:
             if isinstance(self.target, bool) or not isinstance(self.target, int) or not 0 <= self.target < splits.num_classes:
                 raise PotionError(f"--target must be a class index in 0..{splits.num_classes - 1}, got {self.target!r}")
             src = read_triggered_test(self.triggered_test, splits.classes)
-            if src.image_shape != splits.test.image_shape:
-                raise PotionError(f"--triggered-test {self.triggered_test} holds {src.image_shape} (C, H, W) images "
-                                  f"but the dataset's are {splits.test.image_shape}")
+            check_triggered_shape(self.triggered_test, src, splits.test, self.image_size)
             triggered = stored_view(src, mean, std, self.image_size)
             trig_prov = {"path": str(Path(self.triggered_test).resolve()),
                          "sha256": file_sha256(self.triggered_test), "n": len(src), "target": self.target}
@@ -257,11 +260,16 @@ def data_identity(dataset: str, data_args: dict, splits) -> dict:
     out: dict[str, Any] = {"dataset": dataset, "args": {k: str(v) for k, v in data_args.items()},
                            "n_train": len(splits.train), "n_test": len(splits.test),
                            "classes": len(splits.classes), "image_shape": list(splits.image_shape)}
-    if dataset == "parquet":  # files small enough to hash; image folders are not
+    if dataset == "parquet":  # single files small enough to hash; image folders and shards are not
         root = Path(data_args["root"])
         for split in ("train_file", "test_file"):
             f = root / data_args.get(split, f"{split.split('_')[0]}.parquet")
-            out[f"{split.split('_')[0]}_sha256"] = file_sha256(f)
+            if f.is_file():
+                out[f"{split.split('_')[0]}_sha256"] = file_sha256(f)
+    for split in ("train", "test"):  # shards: each one's name, size and row count
+        fingerprint = getattr(getattr(splits, split), "fingerprint", None)
+        if fingerprint is not None:
+            out[f"{split}_shards"] = fingerprint()
     return out
 
 

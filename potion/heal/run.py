@@ -22,13 +22,16 @@ from potion.errors import PotionError
 from potion.heal.importances import default_cache_dir, make_importance_fn
 from potion.heal.inputs import HealInputs, OwnerSource, RunSource, measure
 from potion.heal.outputs import DELETION_FILE, REPORT_FILE, build_report, write_outputs, write_refusal
-from potion.heal.report import before_after_metrics
-from potion.heal.sets import GUARDED, check_deletion_is_poison, draw_proxy, proxy_record, select_deletion_set
-from potion.heal.tracked import open_tracker, resolve_tracking_uri
+from potion.heal.report import before_after_metrics, run_description
+from potion.heal.sets import (GUARDED, check_deletion_is_poison, draw_proxy, draw_repair, expansion_score,
+                              proxy_record, select_deletion_set, suspects)
+from potion.heal.tracked import log_heal_inputs, open_tracker, resolve_tracking_uri
 from potion.io import make_dirs, refuse_overlap, staged_output_dir
 from potion.metrics import accuracy, eval_batch_size
 from potion.runs.configs import HealJob
+from potion.runs.destination import local_output, resolve_out
 from potion.runs.folder import MODEL_FILE, resolve_device
+from potion.tracking.store import configured_tracking_uri, refuse_default_store_for_remote
 from potion.unlearning.batch_size import label_runs, resolve_batch_size, sorted_batches_note
 from potion.unlearning.cache import ImportanceCache
 from potion.unlearning.guard import GuardNoSafeStep
@@ -43,7 +46,18 @@ def run_heal(source: str | Path | RunSource | OwnerSource, job: HealJob, out: st
     """Heal from a run folder (a path or :class:`RunSource`) or the owner's pieces (:class:`OwnerSource`).
 
     Everything (model, report, deletion set, MLflow store, Ray results) is built in a
-    staging folder beside ``out`` and swapped in only when the heal succeeds."""
+    staging folder beside ``out`` and swapped in only when the heal succeeds. ``out`` may be
+    a remote URI (``s3://…``): the folder is then built locally and copied up at the end."""
+    dest = resolve_out(out)
+    if dest.remote:
+        refuse_default_store_for_remote(str(dest), job.tracking_uri)
+    with local_output(dest, overwrite) as local:
+        return _run_heal_at(source, job, local, share=share, count=count, identified=identified,
+                            overwrite=overwrite, progress=progress)
+
+
+def _run_heal_at(source, job: HealJob, out: Path, *, share, count, identified, overwrite: bool,
+                 progress: bool) -> dict:
     from potion.runs.checks import check_heal_job
 
     source = source if isinstance(source, (RunSource, OwnerSource)) else RunSource(source)
@@ -59,7 +73,7 @@ def run_heal(source: str | Path | RunSource | OwnerSource, job: HealJob, out: st
         ImportanceCache(Path(job.cache_dir or default_cache_dir())).secret  # a bad secret fails here, not later
         make_dirs(job.cache_dir or default_cache_dir(), "the importance cache folder", "--cache-dir")
     final_uri = resolve_tracking_uri(job, out)
-    if final_uri and (job.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
+    if final_uri and configured_tracking_uri(job.tracking_uri):
         from potion.tracking.store import check_tracking
 
         check_tracking(final_uri)  # a user's store: check it before anything is created
@@ -94,7 +108,12 @@ def _connect_and_heal(source, job: HealJob, out: Path, share, count, identified,
     if job.backend == "ray":
         from potion.distributed.runtime import connect
 
-        connect(job.address, job.num_cpus, py_modules=py_modules)  # fail fast on an unreachable cluster
+        if progress:  # Ray takes seconds to start or join, and says nothing meanwhile
+            where = job.address or os.environ.get("RAY_ADDRESS")
+            print(f"potion: connecting to the Ray cluster at {where} ..." if where else
+                  "potion: starting a local Ray cluster (takes a few seconds) ...", file=sys.stderr, flush=True)
+        # fail fast on an unreachable cluster; a watchdog reports and cleans up if Ray ends this process
+        connect(job.address, job.num_cpus, py_modules=py_modules, watch=("this heal", final_out))
     try:
         return _heal(source.load(), job, out, share, count, identified, progress, tracking_uri,
                      final_out=final_out, final_uri=final_uri)
@@ -121,6 +140,9 @@ class HealSets:
     retain_sample: RetainSample
     eval_bs: int
     extra: dict  # report entries about the sets: B and why, Dr's label runs, the proxy
+    suspects: np.ndarray | None = None  # potion_plus: target-labelled retain images it may grow Sf with
+    suspect_batches: list | None = None
+    repair_batches: list | None = None  # potion_plus: clean retain images for its repair
 
 
 def _heal(inputs: HealInputs, job: HealJob, out: Path, share, count, identified, progress,
@@ -135,8 +157,10 @@ def _heal(inputs: HealInputs, job: HealJob, out: Path, share, count, identified,
     ctx = heal_context(inputs, job, sets, state0, device, progress, placement)
     with open_tracker(tracking_uri, job, inputs, final_out or out) as tracker:
         if job.backend == "ray":
-            ctx.search = _ray_search(job, inputs, out, tracker, progress, placement)
+            ctx.search = _ray_search(job, inputs, out, progress, placement)
         result = _run_method(job, ctx, sets, state0, tracker, out, final_out or out)
+        if "plus" in result.info:
+            expansion_score(result.info["plus"], sets.suspects, inputs.poisoned_mask)
         healed = inputs.spec.build()
         healed.load_state_dict(result.state_dict)
         healed.eval()
@@ -176,7 +200,10 @@ def select_sets(inputs: HealInputs, job: HealJob, share, count, identified, devi
 
     proxy = proxy_batches = None
     if job.method in GUARDED:
-        proxy = draw_proxy(retain, job.proxy_size, job.seed)
+        size = job.proxy_size
+        if job.method == "potion_plus" and job.plus.repair_steps:
+            size = min(size, max(1, len(retain) // 2))  # a small Dr leaves half for the repair
+        proxy = draw_proxy(retain, size, job.seed)
         proxy_batches = list(view.subset(proxy).batches(eval_bs, device=device))
 
     runs = label_runs(view.labels[retain])
@@ -188,8 +215,18 @@ def select_sets(inputs: HealInputs, job: HealJob, share, count, identified, devi
         print(f"potion: note: {note}", file=sys.stderr)
     if proxy is not None:
         extra["proxy"] = proxy_record(proxy, job.seed, len(retain))
-    return HealSets(job, deletion, source, retain, forget_view, retain_view, forget_batches, val_batches,
+    sets = HealSets(job, deletion, source, retain, forget_view, retain_view, forget_batches, val_batches,
                     proxy, proxy_batches, retain_sample, eval_bs, extra)
+    if job.method == "potion_plus":
+        plus = job.plus
+        if plus.expand or plus.repair_steps:
+            sets.suspects = suspects(retain, view.labels, deletion)
+            sets.suspect_batches = list(view.subset(sets.suspects).batches(eval_bs, device=device))
+        if plus.repair_steps:
+            repair = np.searchsorted(retain, draw_repair(retain, proxy, plus.repair_size, job.seed))
+            sets.repair_batches = list(retain_view.subset(repair).batches(plus.repair_batch_size, shuffle=True,
+                                                                        seed=job.seed, device=device))
+    return sets
 
 
 def measure_before(inputs: HealInputs, job: HealJob, sets: HealSets, device: str) -> tuple[dict, str]:
@@ -205,6 +242,11 @@ def heal_context(inputs: HealInputs, job: HealJob, sets: HealSets, state0: dict,
                  placement: dict) -> HealContext:
     """What the method sees: θ0, the batches of Sf and Dr, the importance pass and the knobs."""
     bs, retain_view, retain = job.importance_batch_size, sets.retain_view, sets.retain
+    if job.method == "potion_plus" and job.plus.shuffle_retain:
+        # Dr in a seeded random order for the retain pass: stored sorted by class (CIFAR-10-jpeg),
+        # its importance batches are single-class (benchmarks/results/heal_more.md)
+        order = np.random.default_rng([int(job.seed), 0x5F1]).permutation(len(retain))
+        retain, retain_view = retain[order], retain_view.subset(order)
     return HealContext(
         model=inputs.model,
         state0=state0,
@@ -233,16 +275,21 @@ def heal_context(inputs: HealInputs, job: HealJob, sets: HealSets, state0: dict,
         proxy_batches=sets.proxy_batches,
         guard=job.guard,
         allow_damage=job.allow_damage,
+        task_vector=job.task_vector,
+        finetune=job.finetune,
+        plus=job.plus,
+        suspect_batches=sets.suspect_batches,
+        repair_batches=sets.repair_batches,
     )
 
 
-def _ray_search(job: HealJob, inputs: HealInputs, out: Path, tracker, progress: bool, placement: dict):
+def _ray_search(job: HealJob, inputs: HealInputs, out: Path, progress: bool, placement: dict):
     from potion.distributed.search import make_ray_search
 
-    callbacks = [tracker.tune_callback()] if tracker else []
+    # No MLflow callback: _write logs the children from the driver once the search is done,
+    # in k order and with the guard's probes, as on the local backend.
     return make_ray_search(model_factory=inputs.spec.build, gpus_per_trial=job.gpus_per_trial,
-                           storage_path=str(out.resolve() / "ray_results"), callbacks=callbacks,
-                           progress=progress, placement=placement)
+                           storage_path=str(out.resolve() / "ray_results"), progress=progress, placement=placement)
 
 
 def _run_method(job: HealJob, ctx: HealContext, sets: HealSets, state0: dict, tracker, out: Path,
@@ -271,21 +318,23 @@ def _write(out: Path, healed, inputs: HealInputs, job: HealJob, sets: HealSets, 
     """The outputs in ``out`` and, with tracking, the curve, the model and the files in MLflow."""
     if tracker:
         trace = result.info.get("trace") or []
-        if job.backend != "ray":
-            tracker.log_children(trace)
-        tracker.log_curve(trace, threshold=result.info.get("threshold"), k_star=result.info.get("k_star"),
-                          guard=result.info.get("guard"))
+        k_star, guard = result.info.get("k_star"), result.info.get("guard")
+        tracker.log_children(trace, k_star=k_star, guard=guard)
         report["mlflow"] = {"tracking_uri": uri, "parent_run_id": tracker.parent_run_id,
                             "experiment": job.experiment, "experiment_id": tracker.experiment_id}
     write_outputs(out, healed, inputs, sets.deletion, report)
     if tracker:
         model_id = tracker.log_pytorch_model(healed, sets.forget_batches[0][0], registered_name=job.register_model)
+        # the run page lists metrics in the order they were first logged: the headline first
         tracker.log_metrics(before_after_metrics(report), model_id=model_id)
+        tracker.log_curve(trace, threshold=result.info.get("threshold"), k_star=k_star, guard=guard)
         sample = report.get("retain_sample") or {}
         tracker.log_metrics({f"retain_sample_{k}": sample[k] for k in ("n_used", "share_used", "batches")
                              if isinstance(sample.get(k), (int, float))})
         tracker.log_model(out / MODEL_FILE)
         tracker.log_files([out / REPORT_FILE, out / DELETION_FILE, *inputs.extra_files])
+        tracker.set_description(run_description(report))
+        log_heal_inputs(tracker, inputs, sets.deletion)
 
 
 def _measured(model, inputs: HealInputs, forget_view, bs: int, device: str, fast: bool = False) -> dict:

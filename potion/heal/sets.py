@@ -48,7 +48,8 @@ def _identified_parquet(path: Path, expected: str) -> np.ndarray:
     if pa.types.is_floating(col.type):
         frac = values[~np.isfinite(values) | (values != np.round(values))]
         if frac.size:
-            raise PotionError(f"{path}: the 'index' column holds {frac[0]!r}, which is not a whole number; {expected}")
+            raise PotionError(f"{path}: the 'index' column holds {frac[0].item()!r}, which is not a whole number; "
+                              f"{expected}")
     return values.astype(np.int64)
 
 
@@ -98,7 +99,13 @@ def validate_indices(values: np.ndarray, n_total: int, where: str) -> np.ndarray
             f"the deletion set from {where} has indices outside the training set 0..{n_total - 1}: "
             f"{', '.join(map(str, bad[:5]))}"
         )
-    return np.unique(values)
+    values = np.unique(values)
+    if len(values) == n_total:  # checked here, before the importances: Dr would have no batch
+        raise PotionError(
+            f"the deletion set from {where} lists all {n_total} training samples, which leaves the retain set "
+            "Dr = D − Sf empty; PTN needs retain importances, so list only the samples found carrying the trigger"
+        )
+    return values
 
 
 def select_deletion_set(inputs: HealInputs, share, count, identified, seed) -> tuple[np.ndarray, str]:
@@ -135,7 +142,34 @@ def check_deletion_is_poison(inputs: HealInputs, deletion: np.ndarray, source: s
 
 
 # ---------------------------------------------------------------- the guard's clean proxy
-GUARDED = ("xlf_ptn_guard",)
+GUARDED = ("xlf_ptn_guard", "potion_plus")
+
+
+def draw_repair(retain: np.ndarray, proxy: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """potion_plus's repair images: a seeded slice of Dr outside the proxy (whose damage it must not train on)."""
+    rng = np.random.default_rng([int(seed), 0x3E9A1])
+    pool = np.setdiff1d(np.asarray(retain), proxy)
+    return np.sort(rng.choice(pool, size=min(size, len(pool)), replace=False)) if len(pool) else pool
+
+
+def expansion_score(plus_info: dict, suspect_idx: np.ndarray | None, poisoned: np.ndarray | None) -> None:
+    """Benchmark only (reads the manifest): how much of the unfound poison potion_plus grew Sf
+    with, and how much of what it added was poison. Replaces the found positions in place."""
+    exp = plus_info.get("expansion") or {}
+    found = np.asarray(exp.pop("found_positions", []), dtype=np.int64)
+    if suspect_idx is None or poisoned is None:
+        return
+    hits = int(poisoned[suspect_idx[found]].sum()) if len(found) else 0
+    unfound = int(poisoned[suspect_idx].sum())
+    exp["true_poison_found"] = hits
+    exp["precision"] = hits / len(found) if len(found) else None
+    exp["recall"] = hits / unfound if unfound else None
+    exp["unfound_poison"] = unfound
+
+
+def suspects(retain: np.ndarray, labels: np.ndarray, deletion: np.ndarray) -> np.ndarray:
+    """The retain images under a label of Sf: where the unfound poison hides (potion_plus grows Sf from them)."""
+    return np.asarray(retain)[np.isin(labels[retain], np.unique(labels[deletion]))]
 
 
 def draw_proxy(retain: np.ndarray, size: int, seed: int) -> np.ndarray:

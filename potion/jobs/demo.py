@@ -12,7 +12,7 @@ from pathlib import Path
 from potion.io import check_output_dir
 from potion.runs.configs import HealJob, TrainJob
 from potion.heal.run import run_heal
-from potion.heal.report import METRIC_COLUMNS, format_table, guard_lines, heal_rows
+from potion.heal.report import guard_lines, metric_table
 from potion.tracking.store import ui_command
 from potion.jobs.train import run_train
 
@@ -21,21 +21,22 @@ def run_demo(out: str | Path = "runs/demo", *, overwrite: bool = False, smoke: b
              backend: str = "ray", progress: bool = True) -> dict:
     out = check_output_dir(out, overwrite).resolve()
     t0 = time.perf_counter()
-    train_job = TrainJob()
+    db = out / "mlflow.db"
+    # one store for both runs: the heal's run page links to the model it healed
+    train_job = TrainJob(tracking_uri=f"sqlite:///{db}", experiment="potion-demo-train")
     if smoke:
         train_job.recipe.iterations = 150
     print(f"[1/2] training {train_job.model.name} on poisoned digits ({train_job.recipe.iterations} iterations)")
     metrics = run_train(train_job, out / "train", overwrite=overwrite, progress=progress)
     print(f"      clean_acc={metrics['clean_acc']:.4f}  asr={metrics['asr']:.4f}  ({metrics['train_seconds']:.0f} s)")
 
-    db = out / "mlflow.db"
     heal_job = HealJob(method="xlf_ptn_guard", backend=backend, val_size=200, num_cpus=2,
                        tracking_uri=f"sqlite:///{db}", experiment="potion-demo", cache_dir="none")
     print(f"[2/2] healing with XLF + PTN and the damage guard on the {backend} backend "
           "(deletion set: 30 % of the poison)")
     report = run_heal(out / "train", heal_job, out / "heal", share=0.3, overwrite=overwrite, progress=progress)
     print()
-    print(format_table(heal_rows(report), METRIC_COLUMNS) + guard_lines(report))
+    print(metric_table(report) + guard_lines(report))
     print(f"\nk*={report['k_star']}  alpha={report['alpha']:.4g}  PTN evaluations={len(report['trace'])}"
           f"  total {time.perf_counter() - t0:.0f} s")
     print(f"healed model: {out / 'heal' / 'model.pt'}")

@@ -7,27 +7,41 @@ numbers would be meaningless, not merely low.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from typing import Iterator
 
 from potion.errors import PotionError
 from potion.io import atomic_write_json, check_writable_file
 from potion.metrics import attack_metrics
+from potion.runs.destination import local_output, resolve_out
 from potion.runs.folder import load_run, resolve_device
 
 
-def _check_out(out, overwrite: bool) -> None:
-    """Before any compute: refuse an existing file (unless asked) and an unwritable place."""
+@contextlib.contextmanager
+def _metrics_file(out, overwrite: bool) -> Iterator[Path | None]:
+    """The local file to write the metrics to (a remote ``out`` is copied up afterwards).
+    Before any compute: refuse an existing file (unless asked) and an unwritable place."""
     if out is None:
+        yield None
         return
-    out = Path(out)
-    if out.exists() and not out.is_dir() and not overwrite:
-        raise PotionError(f"{out} already exists; choose another --out or pass --overwrite to replace it")
-    check_writable_file(out, "metrics file", "--out")
+    with local_output(resolve_out(out), overwrite, folder=False) as local:
+        if local.exists() and not local.is_dir() and not overwrite:
+            raise PotionError(f"{out} already exists; choose another --out or pass --overwrite to replace it")
+        check_writable_file(local, "metrics file", "--out")
+        yield local
 
 
 def run_evaluate(run: str | Path, checkpoint: str | Path | None = None, device: str = "auto",
                  batch_size: int = 512, out: str | Path | None = None, overwrite: bool = False) -> dict:
-    _check_out(out, overwrite)
+    with _metrics_file(out, overwrite) as local:
+        metrics = _evaluate_run(run, checkpoint, device, batch_size)
+        if local is not None:
+            atomic_write_json(local, metrics)
+    return metrics
+
+
+def _evaluate_run(run, checkpoint, device: str, batch_size: int) -> dict:
     folder = load_run(run, checkpoint)  # refuses non-finite weights and a model built for other images
     where = checkpoint or Path(run) / "model.pt"
     dev = resolve_device(device)
@@ -39,8 +53,6 @@ def run_evaluate(run: str | Path, checkpoint: str | Path | None = None, device: 
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise PotionError(f"checkpoint {where} cannot take the images of run {run} ({first}); "
                           "evaluate a model trained on this run's data") from None
-    if out is not None:
-        atomic_write_json(out, metrics)
     return metrics
 
 
@@ -53,10 +65,10 @@ def evaluate_owner(source, device: str = "auto", batch_size: int = 512, out: str
     """
     from potion.heal.inputs import measure
 
-    _check_out(out, overwrite)
-    inputs = source.load()
-    metrics = {**measure(inputs.model, inputs, batch_size, resolve_device(device)),
-               "provenance": inputs.provenance}
-    if out is not None:
-        atomic_write_json(out, metrics)
+    with _metrics_file(out, overwrite) as local:
+        inputs = source.load()
+        metrics = {**measure(inputs.model, inputs, batch_size, resolve_device(device)),
+                   "provenance": inputs.provenance}
+        if local is not None:
+            atomic_write_json(local, metrics)
     return metrics

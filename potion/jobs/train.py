@@ -19,9 +19,11 @@ from potion.datasets import (
 )
 from potion.errors import PotionError
 from potion.io import atomic_write_json, atomic_write_text, refuse_overlap, staged_output_dir
+from potion.jobs.train_tracking import check_train_tracking, log_train_run
 from potion.metrics import attack_metrics
 from potion.models import create_model, load_init_weights, save_checkpoint
 from potion.runs.configs import TrainJob
+from potion.runs.destination import local_output, resolve_out
 from potion.runs.folder import CONFIG_FILE, MANIFEST_FILE, METRICS_FILE, MODEL_FILE, resolve_device
 from potion.training import train_model
 
@@ -32,7 +34,18 @@ def model_kwargs(job: TrainJob, splits) -> dict:
 
 
 def run_train(job: TrainJob, out: str | Path, overwrite: bool = False, progress: bool = True) -> dict:
-    """Train a poisoned model; returns the metrics written to ``metrics.json``."""
+    """Train a poisoned model; returns the metrics written to ``metrics.json``. ``out`` may be
+    a remote URI (``s3://…``): the run folder is then built locally and copied up at the end."""
+    dest = resolve_out(out)
+    if dest.remote:
+        from potion.tracking.store import refuse_default_store_for_remote
+
+        refuse_default_store_for_remote(str(dest), job.tracking_uri)
+    with local_output(dest, overwrite) as local:
+        return _train_at(job, local, overwrite, progress)
+
+
+def _train_at(job: TrainJob, out: Path, overwrite: bool, progress: bool) -> dict:
     from potion.runs.checks import check_train_job
 
     check_train_job(job)
@@ -41,6 +54,7 @@ def run_train(job: TrainJob, out: str | Path, overwrite: bool = False, progress:
         refuse_overlap(out, job.data.args["root"], "the data root")
     if job.model.init:
         refuse_overlap(out, job.model.init, "the initial weights")
+    check_train_tracking(job, out)
     device = resolve_device(job.device)
     splits = load_dataset(job.data.dataset, **job.data.args)
     n_classes = len(splits.train.classes)
@@ -74,4 +88,8 @@ def run_train(job: TrainJob, out: str | Path, overwrite: bool = False, progress:
         save_manifest(manifest, stage / MANIFEST_FILE)
         atomic_write_text(stage / CONFIG_FILE, dump_yaml(job))
         atomic_write_json(stage / METRICS_FILE, metrics)
+        example = next(iter(clean_test_view(splits).batches(2)))[0]
+        tracked = log_train_run(job, stage, Path(out).absolute(), model, example, metrics, len(splits.train))
+    if tracked and progress:
+        print(f"MLflow run {tracked['run_id']} in {tracked['tracking_uri']}")
     return metrics

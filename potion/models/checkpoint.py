@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from potion.errors import PotionError
+from potion.errors import PotionError, detail_of
 from potion.io import atomic_write
 
 FORMAT = "potion-checkpoint/1"
@@ -66,7 +66,8 @@ def load_checkpoint(
             f"(Potion never runs code from a checkpoint){_unpickler_reason(e)}"
         ) from None
     except Exception as e:  # truncated file, not a torch file at all, ...
-        raise PotionError(f"{path} is not a readable checkpoint: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        raise PotionError(f"{path} is not a readable checkpoint: the file is truncated, damaged or not a torch file",
+                          detail=detail_of(e)) from None
     ckpt = _parse(path, payload)
     if num_classes is not None and ckpt.kwargs.get("num_classes") != num_classes:
         raise PotionError(
@@ -109,7 +110,8 @@ def _mismatch(model: nn.Module, state_dict: dict, kwargs: dict) -> str:
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
     shapes = [
-        f"{k}: saved {tuple(state_dict[k].shape)}, model {tuple(v.shape)}"
+        f"{k}: saved {tuple(state_dict[k].shape) if isinstance(state_dict[k], torch.Tensor) else type(state_dict[k]).__name__}"
+        f", model {tuple(v.shape)}"
         for k, v in own.items()
         if k in state_dict and (not isinstance(state_dict[k], torch.Tensor) or state_dict[k].shape != v.shape)
     ]
@@ -120,7 +122,20 @@ def _mismatch(model: nn.Module, state_dict: dict, kwargs: dict) -> str:
         parts.append(f"{len(unexpected)} unexpected entries (first: {unexpected[0]})")
     if shapes:
         parts.append(f"{len(shapes)} shape mismatches (first: {shapes[0]})")
+    ints = not_floating(own, state_dict)
+    if ints and not parts:
+        parts.append(f"{len(ints)} entries are not floating point where the model's are (first: {ints[0]})")
     return "; ".join(parts)
+
+
+def not_floating(own: dict[str, torch.Tensor], state_dict: dict) -> list[str]:
+    """``key (dtype)`` of the integer/bool tensors saved for the model's floating-point ones.
+
+    ``load_state_dict`` would cast them silently: an int32 export of a float model holds
+    rounded or scaled values, and a healed model would carry them."""
+    return [f"{k} ({str(state_dict[k].dtype).removeprefix('torch.')})" for k, v in own.items()
+            if v.is_floating_point() and isinstance(state_dict.get(k), torch.Tensor)
+            and not state_dict[k].is_floating_point()]
 
 
 def _output_width(state_dict: dict) -> int | None:
@@ -167,13 +182,21 @@ def load_init_weights(model: nn.Module, path: str | os.PathLike) -> list[str]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise PotionError(f"cannot read initial weights {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        raise PotionError(f"cannot read initial weights {path}: the file is truncated, damaged or not a "
+                          "torch/safetensors file", detail=detail_of(e)) from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise PotionError(f"initial weights {path} hold a {type(state).__name__}, not a dict of tensors (a state_dict)")
     own = model.state_dict()
-    usable = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    usable = {k: v for k, v in state.items()
+              if k in own and isinstance(v, torch.Tensor) and tuple(v.shape) == tuple(own[k].shape)}
     if not usable:
         raise PotionError(f"no tensor of {path} fits the model: it was saved for another architecture")
+    ints = not_floating(own, usable)
+    if ints:
+        raise PotionError(f"initial weights {path}: {len(ints)} tensors are not floating point where the model's are "
+                          f"(first: {ints[0]}); give the float weights")
     skipped = sorted(set(own) - set(usable))
     model.load_state_dict(usable, strict=False)
     return skipped

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from potion.errors import PotionError
+from potion.errors import PotionError, detail_of
+from potion.models.checkpoint import not_floating
 from potion.models.spec import file_sha256
 
 PREFIX = "module."
@@ -44,7 +45,8 @@ def read_weights(path: str | Path) -> LoadedWeights:
 
             payload, layout = load_file(str(path)), "safetensors"
         except Exception as e:
-            raise PotionError(f"--weights {path} is not a readable safetensors file: {_first(e)}") from None
+            raise PotionError(f"--weights {path} is not a readable safetensors file: it is truncated or damaged",
+                              detail=detail_of(e)) from None
     else:
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
@@ -54,7 +56,8 @@ def read_weights(path: str | Path) -> LoadedWeights:
                 f"code from a weights file){_rejected(e)}; save model.state_dict() instead"
             ) from None
         except Exception as e:
-            raise PotionError(f"--weights {path} is not a readable torch file: {type(e).__name__}: {_first(e)}") from None
+            raise PotionError(f"--weights {path} is not a readable torch file: it is truncated, damaged or not a "
+                              "torch file", detail=detail_of(e)) from None
         payload, layout = _unwrap(payload, path)
     state, notes = _strip_prefix(payload)
     return LoadedWeights(state, str(path.resolve()), file_sha256(path), layout, notes)
@@ -78,6 +81,11 @@ def load_weights(model: nn.Module, weights: LoadedWeights, what: str) -> nn.Modu
     if parts:
         raise PotionError(f"--weights {weights.path} do not fit {what}: " + "; ".join(parts)
                           + "; check --model and --model-args")
+    ints = not_floating(own, weights.state_dict)
+    if ints:
+        raise PotionError(f"--weights {weights.path}: {len(ints)} tensors are not floating point where {what} "
+                          f"has floats ({', '.join(ints[:SHOW])}{', …' if len(ints) > SHOW else ''}); "
+                          "export the trained float weights (model.state_dict()) instead")
     model.load_state_dict(weights.state_dict, strict=True)
     return model.eval()
 
@@ -115,7 +123,3 @@ def _rejected(e: Exception) -> str:
             return ": " + line.split(" was not an allowed")[0].strip()
     return ""
 
-
-def _first(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else "(no message)"

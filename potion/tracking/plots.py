@@ -8,11 +8,18 @@ from potion.tracking.steps import step_fields
 # How the plot names a step's accuracy fields; a field not listed here (a new one) is
 # plotted under its own name.
 CURVE_LABELS = {
-    "acc_forget": "a_k: accuracy on the deletion set Sf (poisoned labels)",
-    "acc_val": "accuracy on clean validation images",
-    "acc_proxy": "accuracy on the clean proxy (from Dr)",
+    "acc_forget": "accuracy on the deletion set",
+    "acc_val": "clean validation accuracy",
+    "acc_proxy": "clean proxy accuracy",
 }
-S_AXIS_LABEL = "PTN dial s_k = (|Sf| / |D|) / b · c^k  (sets α; may exceed 1)"
+K_AXIS_LABEL = "search step k (each step dampens more parameters)"
+DAMAGE_AXIS_LABEL = "proxy damage (points; 0 = θ0)"
+# The guard's own measurements are drawn as damage in points, on their own axis.
+GUARD_FIELDS = ("acc_proxy", "acc_proxy_target", "acc_proxy_other")
+
+
+def _points(x: float) -> str:
+    return f"{x:g} point" + ("" if x == 1 else "s")
 
 
 def curve_fields(steps: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -22,48 +29,85 @@ def curve_fields(steps: Sequence[Mapping[str, Any]]) -> list[str]:
     return [k for k in keys if any(d.get(k) is not None for d in steps)]
 
 
+def decision_title(steps: Sequence[Mapping[str, Any]], k_star: int | None, guard: Mapping[str, Any] | None) -> str:
+    """The decision in one or two lines: which step was kept, and why."""
+    by_k = {int(d["k"]): d for d in steps}
+    if k_star is None or k_star not in by_k:
+        if guard:
+            return (f"No step kept: every step that heals costs more than δ = "
+                    f"{_points(float(guard.get('max_damage') or 0.0))} of proxy accuracy")
+        return f"No step kept: no step of {len(steps)} reached the stop line"
+    alpha = by_k[k_star].get("alpha")
+    head = f"Kept step k = {k_star}" + (f" (α = {alpha:.3g})" if alpha is not None else "")
+    if not guard:
+        return f"{head}: the first step below the stop line, of {len(steps)} evaluated"
+    status, paper = guard.get("status"), guard.get("k_paper")
+    dmg = (guard.get("damage") or {}).get(str(k_star))
+    delta = _points(float(guard.get("max_damage") or 0.0))
+    cost = f"proxy damage {dmg:+.2f} points" if dmg is not None else "proxy damage not measured"
+    why = {
+        "k_star": f"the first step below the stop line; {cost}, within δ = {delta}",
+        "ahead": f"past the first crossing k = {paper}, heals more; {cost}, within δ",
+        "partial": f"a partial heal: k = {paper} would break δ = {delta}; {cost}",
+        "damage_allowed": f"--allow-damage took the first crossing although it breaks δ; {cost}",
+    }.get(status, cost)
+    return f"{head}:\n{why}"
+
+
 def tradeoff_figure(steps: Sequence[Mapping[str, Any]], threshold: float | None = None, k_star: int | None = None,
                     guard: Mapping[str, Any] | None = None):
-    """Every accuracy a step recorded against PTN's dial s_k, with the threshold ρ·acc0 and
-    the chosen step k* marked (with ``guard``: the proxy's poison-corrected curve, θ0's
-    proxy accuracy, the bound δ and the paper's k*): the trade-off PTN walks along. s_k is not a share of
-    parameters (it feeds the percentile q(s) = 100 − ln(1 + 100·s) that sets α, and grows
-    past 1), so the axis says what it is. Uses the Agg canvas, never a display."""
+    """Accuracy against the search step k (top), with the stop line ρ·acc0 and the kept step
+    marked; with ``guard`` a second panel holds the proxy damage in points against the bound
+    −δ (0 is θ0). At most six legend entries; the vertical lines are labelled on the plot.
+    Uses the Agg canvas, never a display."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 4.5), dpi=100)
+    steps = sorted(steps, key=lambda d: d["k"])
+    fig = Figure(figsize=(7.5, 6 if guard else 4.5), dpi=100)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    if guard:
+        ax, dx = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 2]})
+    else:
+        ax, dx = fig.add_subplot(), None
     markers = iter("os^vD<>")
-    for key in curve_fields(steps):
-        pts = [(d["s"], d[key]) for d in steps if d.get(key) is not None]
+    fields = [f for f in curve_fields(steps) if not (guard and f in GUARD_FIELDS)]
+    for key in fields:
+        pts = [(d["k"], d[key]) for d in steps if d.get(key) is not None]
         ax.plot(*zip(*pts), f"{next(markers, 'o')}-", ms=3, label=CURVE_LABELS.get(key, key))
     if threshold is not None:
-        ax.axhline(threshold, color="gray", ls="--", lw=1, label=f"threshold ρ·acc0 = {threshold:.3f}")
-    title = "PTN trade-off"
+        ax.axhline(threshold, color="gray", ls="--", lw=1, label=f"stop line ρ·acc0 = {threshold:.3f}")
+    axes = [ax] + ([dx] if dx is not None else [])
     hit = [d for d in steps if d["k"] == k_star] if k_star is not None else []
     if hit:
-        h = hit[0]
-        ax.axvline(h["s"], color="red", lw=1, label=f"k* = {k_star} (s = {h['s']:.3g}, α = {h['alpha']:.3g})")
-        ax.plot([h["s"]], [h["acc_forget"]], "*", color="red", ms=12)
-        title += f": k* = {k_star} of {len(steps)} steps evaluated"
-    base = (guard or {}).get("proxy0") or {}
-    if guard and base.get("acc") is not None:
-        pts = [(d["s"], base["acc"] + d["proxy_damage"] / 100) for d in steps if d.get("proxy_damage") is not None]
-        if pts:
-            ax.plot(*zip(*pts), "^-", ms=3, color="tab:green", label="proxy, poison-corrected")
-        ax.axhline(base["acc"], color="tab:green", ls=":", lw=1, label="θ0 on the proxy")
-        ax.axhline(base["acc"] - guard["max_damage"] / 100, color="tab:red", ls=":", lw=1,
-                   label=f"damage bound δ = {guard['max_damage']:g} points")
-        paper = [d for d in steps if d["k"] == guard.get("k_paper")]
-        if paper and guard.get("k_paper") != k_star:
-            ax.axvline(paper[0]["s"], color="gray", lw=1, ls="-.", label=f"paper's k* = {guard['k_paper']}")
-    ax.set_title(title)
-    ax.set_xscale("log")
-    ax.set_xlabel(S_AXIS_LABEL)
+        ax.plot([k_star], [hit[0]["acc_forget"]], "*", color="red", ms=12)
+        _vline(axes, k_star, "red", "-", f"kept k = {k_star}")
+    if guard and guard.get("k_paper") is not None and guard.get("k_paper") != k_star:
+        _vline(axes, guard["k_paper"], "gray", "-.", f"first crossing k = {guard['k_paper']}")
     ax.set_ylabel("accuracy")
     ax.set_ylim(-0.02, 1.02)
-    ax.legend(fontsize=7, loc="center left")  # the curves run along the top and fall on the right
+    ax.legend(fontsize=7, loc="lower left")  # the curves run along the top and fall on the right
+    if dx is not None:
+        pts = [(d["k"], d["proxy_damage"]) for d in steps if d.get("proxy_damage") is not None]
+        if pts:
+            dx.plot(*zip(*pts), "^-", ms=4, color="tab:green", label="proxy damage where measured")
+        delta = float(guard.get("max_damage") or 0.0)
+        dx.axhline(0.0, color="gray", lw=0.8)
+        dx.axhline(-delta, color="tab:red", ls=":", lw=1.2, label=f"allowed damage δ = {_points(delta)}")
+        low = min([-delta, *(v for _, v in pts)])
+        dx.set_ylim(min(-1.0, low * 1.3), max(0.5, 0.3 * abs(low)))
+        dx.set_ylabel(DAMAGE_AXIS_LABEL)
+        dx.legend(fontsize=7, loc="lower left")
+    axes[-1].set_xlabel(K_AXIS_LABEL)
+    ax.set_title(decision_title(steps, k_star, guard), fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def _vline(axes, k: int, color: str, ls: str, text: str) -> None:
+    """A vertical line at step k on every panel, labelled at the top of the first."""
+    for a in axes:
+        a.axvline(k, color=color, lw=1, ls=ls)
+    axes[0].annotate(text, (k, 0.5), xytext=(-4, 0), textcoords="offset points", fontsize=7, color=color,
+                     ha="right", va="center", rotation=90, bbox={"fc": "white", "ec": "none", "pad": 1})
+

@@ -13,9 +13,14 @@ def step_fields() -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(StepResult))
 
 
-def child_run_name(k: int) -> str:
-    """``k=043``: sorts in k order in the UI's run list."""
-    return f"k={int(k):03d}"
+def child_fields() -> tuple[str, ...]:
+    """A child run's metrics: the step's fields, and the damage guard's estimate where it measured the step."""
+    return (*step_fields(), "proxy_damage")
+
+
+def child_run_name(k: int, chosen: bool = False) -> str:
+    """``k=043`` (sorts in k order in the UI's run list); ``k=043 ✓ chosen`` for the kept step."""
+    return f"k={int(k):03d}" + (" ✓ chosen" if chosen else "")
 
 
 def _step_dict(step: Any) -> dict[str, Any]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import socket
 import sqlite3
 import sys
 import urllib.error
@@ -30,11 +31,31 @@ def mlflow_executable() -> list[str]:
     return [sys.executable, "-m", "mlflow"]
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on now."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def ui_command(uri: str, experiment_id: str | None = None, run_id: str | None = None,
-               port: int = 5000) -> tuple[str, str]:
-    """(shell command that serves the MLflow UI on ``uri``, the link to open)."""
+               port: int | None = None) -> tuple[str, str]:
+    """(shell command that serves the MLflow UI on ``uri``, the link to open). The port is
+    one free now unless given: a fixed 5000 fails beside another UI (or macOS's AirPlay)."""
+    port = port or free_port()
     args = [*mlflow_executable(), "ui", "--backend-store-uri", uri, "--port", str(port)]
     return " ".join(shlex.quote(a) for a in args), ui_url(f"http://127.0.0.1:{port}", experiment_id, run_id)
+
+
+def where_to_look(uri: str | None, experiment_id: str | None = None, run_id: str | None = None) -> str | None:
+    """The lines (newline-terminated) that tell where to see a run: the ``mlflow ui`` command and
+    its link for a sqlite store, the run's link on a server; None for other stores."""
+    if uri and uri.startswith("sqlite:"):
+        command, url = ui_command(uri, experiment_id, run_id)
+        return f"MLflow UI: {command}\n  then open {url}\n"
+    if uri and uri.startswith(("http://", "https://")):
+        return f"MLflow run: {ui_url(uri, experiment_id, run_id)}\n"
+    return None
 
 
 def ui_url(base: str, experiment_id: str | None = None, run_id: str | None = None) -> str:
@@ -46,6 +67,20 @@ def ui_url(base: str, experiment_id: str | None = None, run_id: str | None = Non
     if run_id is not None:
         page += f"/runs/{run_id}"
     return f"{page}?{UI_VIEW_QUERY}"
+
+
+def configured_tracking_uri(flag: str | None) -> str | None:
+    """The store the user chose (``'none'`` included): ``--tracking-uri``, else
+    ``$POTION_TRACKING_URI``, else ``$MLFLOW_TRACKING_URI``; None leaves the command's default."""
+    return flag or os.environ.get("POTION_TRACKING_URI") or os.environ.get("MLFLOW_TRACKING_URI") or None
+
+
+def refuse_default_store_for_remote(out_uri: str, flag: str | None) -> None:
+    """A remote ``--out`` cannot hold the default store (a sqlite file in --out): before any compute."""
+    if configured_tracking_uri(flag) is None:
+        raise PotionError(f"--out {out_uri} is remote, where the default MLflow store (a sqlite file in --out) "
+                          "cannot be used; pass --tracking-uri http://HOST:PORT (an MLflow server, whose "
+                          "artifact store keeps the run) or --tracking-uri none")
 
 
 def default_tracking_uri(out: str | Path) -> str:
@@ -156,6 +191,17 @@ def _check_server(uri: str, timeout: float) -> None:
         f"`mlflow server --host 0.0.0.0 --port {urlparse(uri).port or 5000} --backend-store-uri "
         "sqlite:///mlflow.db`, or pass --tracking-uri sqlite:///<folder>/mlflow.db to track into a local file"
     )
+
+
+def release_store(uri: str) -> None:
+    """Close the database connections MLflow pools for ``uri``. MLflow keeps one engine per
+    database for the life of the process, so a process that heals into one run folder after
+    another would hold two descriptors per folder; the next use of the store reconnects."""
+    for module in ("mlflow.store.tracking.sqlalchemy_store", "mlflow.store.model_registry.sqlalchemy_store"):
+        store = getattr(sys.modules.get(module), "SqlAlchemyStore", None)  # not imported: nothing open
+        engine = getattr(store, "_engine_map", {}).get(uri)
+        if engine is not None:
+            engine.dispose()
 
 
 def relocate_sqlite_store(db: str | Path, old: str | Path, new: str | Path) -> int:

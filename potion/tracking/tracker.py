@@ -11,18 +11,23 @@ them, but it need not be: the Tune callback writes every child run from the driv
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from potion.errors import PotionError
+from potion.tracking.context import DataInput, QuietLogger, SystemMetrics, command_line, source_tags
 from potion.tracking.plots import tradeoff_figure
-from potion.tracking.steps import _chunks, _numeric, _step_dict, child_run_name, step_fields
-from potion.tracking.store import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, check_tracking, default_artifact_root
+from potion.tracking.steps import _chunks, _numeric, _step_dict, child_fields, child_run_name
+from potion.tracking.store import (
+    EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, check_tracking, default_artifact_root, release_store,
+)
 from potion.tracking.tune_callback import _batched_logger_callback
 
-CURVE_PREFIX = "curve/"  # the trade-off curve on the parent run, stepped by k
+CHOSEN_TAG = "potion.chosen"  # "true" on the child run of the step the heal kept
+MAX_TAG = 8000  # characters MLflow keeps of a tag value
 PLOT_FILE = "plots/ptn_tradeoff.png"
 MODEL_NAME = "healed_model"  # the mlflow.pytorch model's name (shown under "Logged models")
 
@@ -43,14 +48,17 @@ def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str
 class SearchTracker:
     """Context manager around one parent MLflow run.
 
-    ``params`` (the config) are logged once on entry; per-step child runs come either from
-    :meth:`tune_callback` (Ray backend; written by the driver) or :meth:`log_children`
-    (local backend) — never both. Every ``log_*`` call is idempotent: what was logged once
-    is not logged again.
+    ``params`` (the config) are logged once on entry, with Source (``source``, or the
+    command line of ``potion …``) and Created-by; while the run is open the machine's
+    ``system/…`` metrics are sampled (``system_metrics``). Per-step child runs come either
+    from :meth:`tune_callback` (a Tune run's trials, live) or :meth:`log_children` (a
+    finished search, in k order) — never both. Every ``log_*`` call is idempotent: what was
+    logged once is not logged again.
     """
 
     def __init__(self, uri: str, experiment: str, run_name: str, params: Mapping[str, Any] | None = None,
-                 artifact_root: str | Path | None = None, tags: Mapping[str, str] | None = None):
+                 artifact_root: str | Path | None = None, tags: Mapping[str, str] | None = None,
+                 source: str = "potion", system_metrics: bool = True):
         if not uri:
             raise PotionError("SearchTracker needs an explicit tracking URI")
         self.uri = uri
@@ -59,6 +67,9 @@ class SearchTracker:
         self.params = flatten_params(params or {})
         self.artifact_root = Path(artifact_root) if artifact_root else default_artifact_root(uri)
         self.tags = dict(tags or {})
+        self.source = source
+        self.system_metrics = system_metrics
+        self._system: SystemMetrics | None = None
         self.client = None
         self.experiment_id: str | None = None
         self.parent_run_id: str | None = None
@@ -82,14 +93,27 @@ class SearchTracker:
             self.experiment_id = exp.experiment_id
         if exp is None or EXPERIMENT_KIND_TAG not in exp.tags:  # a user's own choice stays
             self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
-        run = self.client.create_run(self.experiment_id, run_name=self.run_name, tags=self.tags)
+        run = self.client.create_run(self.experiment_id, run_name=self.run_name,
+                                     tags={**source_tags(command_line(self.source)), **self.tags})
         self.parent_run_id = run.info.run_id
         self._log_params(self.parent_run_id, self.params)
+        if self.system_metrics:
+            self._system = SystemMetrics(self.uri, self.parent_run_id)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            return self._end(exc_type, exc)
+        finally:
+            if self.client is not None:
+                release_store(self.uri)
+
+    def _end(self, exc_type, exc) -> bool:
         if self.client is None or self.parent_run_id is None:
             return False
+        if self._system is not None:
+            self._system.finish()  # while the run is still RUNNING: the sampler stops at the end
+            self._system = None
         if exc is None:
             self.client.set_terminated(self.parent_run_id, "FINISHED")
             return False
@@ -149,38 +173,47 @@ class SearchTracker:
             tags={"mlflow.parentRunId": self.parent_run_id, **self.tags},
         )
 
-    def log_children(self, trace: Iterable[Any]) -> int:
-        """One child run per evaluated step (local backend). Steps already logged, or all
-        of them when the Tune callback logs the children, are skipped. Returns how many
-        child runs were created."""
+    def log_children(self, trace: Iterable[Any], k_star: int | None = None,
+                     guard: Mapping[str, Any] | None = None) -> int:
+        """One child run per evaluated step, created in k order (the run list and the compare
+        view then show the steps around k* first). Metrics: the step's fields and, where
+        the damage guard measured the step, ``proxy_damage``. The chosen step's child is
+        named ``k=043 ✓ chosen`` and tagged ``potion.chosen=true``. Steps already logged,
+        or all of them when the Tune callback logs the children, are skipped. Returns how
+        many child runs were created."""
         from mlflow.entities import Metric, Param
 
         self._require()
         if self._children_by_callback:
             return 0
+        damage = (guard or {}).get("damage") or {}
         made = 0
-        for step in trace:
-            d = _step_dict(step)
-            if not self._once(f"child:{int(d['k'])}"):
+        t0 = int(time.time() * 1000)
+        for i, d in enumerate(sorted((_step_dict(s) for s in trace), key=lambda d: d["k"])):
+            k = int(d["k"])
+            if not self._once(f"child:{k}"):
                 continue
-            run = self.client.create_run(self.experiment_id, run_name=child_run_name(d["k"]),
-                                         tags={"mlflow.parentRunId": self.parent_run_id, **self.tags})
-            now = int(time.time() * 1000)
-            metrics = [Metric(k, v, now, 0) for k, v in _numeric(d, step_fields()).items()]
-            self.client.log_batch(run.info.run_id, metrics=metrics, params=[Param("k", str(int(d["k"])))])
-            self.client.set_terminated(run.info.run_id, "FINISHED")
+            chosen = k_star is not None and k == int(k_star)
+            # start times one millisecond apart: equal times would leave the UI's order to chance
+            run = self.client.create_run(self.experiment_id, run_name=child_run_name(k, chosen), start_time=t0 + i,
+                                         tags={"mlflow.parentRunId": self.parent_run_id, **self.tags,
+                                               CHOSEN_TAG: str(chosen).lower()})
+            values = {**d, "proxy_damage": damage.get(str(k))}
+            metrics = [Metric(key, v, t0 + i, 0) for key, v in _numeric(values, child_fields()).items()]
+            self.client.log_batch(run.info.run_id, metrics=metrics, params=[Param("k", str(k))])
+            self.client.set_terminated(run.info.run_id, "FINISHED", end_time=t0 + i)
             made += 1
         return made
 
-    # -- the parent's curve and results -------------------------------------------
+    # -- the parent: the choice, the plot, the description -----------------------
     def log_curve(self, trace: Sequence[Any], threshold: float | None = None, k_star: int | None = None,
                   guard: Mapping[str, Any] | None = None) -> None:
-        """The trade-off curve as parent metrics ``curve/<field>`` stepped by k, and a PNG
-        plot of it. With ``k_star``, the chosen step's own values go on the parent under
-        the plain field names (``acc_forget``, ``s``, ``alpha``, ...) with ``k_star``: the
-        numbers the run table shows are those of the model that was kept. With ``guard``
-        (xlf_ptn_guard) also the proxy damage per step, δ, θ0's proxy accuracy and the
-        reason for the chosen step (tag ``guard_reason``)."""
+        """The trade-off plot, and the choice on the parent: with ``k_star``, the chosen
+        step's own values under the plain field names (``acc_forget``, ``s``, ``alpha``,
+        ``proxy_damage``, ...) with ``k_star``. The curve itself stays in the children and
+        the plot: a parent metric is the kept model's value or a setting, never another
+        step's. With ``guard`` (xlf_ptn_guard) also δ, θ0's proxy accuracy, the paper's k*
+        and the reason for the chosen step (tag ``guard_reason``)."""
         from mlflow.entities import Metric
 
         self._require()
@@ -191,9 +224,7 @@ class SearchTracker:
             damage = guard.get("damage") or {}
             steps = [{**d, "proxy_damage": damage.get(str(int(d["k"])))} for d in steps]
         now = int(time.time() * 1000)
-        fields = [f for f in step_fields() if f != "k"] + (["proxy_damage"] if guard else [])
-        metrics = [Metric(CURVE_PREFIX + key, v, now, int(d["k"]))
-                   for d in steps for key, v in _numeric(d, fields).items()]
+        metrics = []
         if guard:
             proxy0 = guard.get("proxy0") or {}
             summary = {"max_damage": guard.get("max_damage"), "proxy0_acc": proxy0.get("acc"),
@@ -203,12 +234,32 @@ class SearchTracker:
             self.client.set_tag(self.parent_run_id, "guard_reason", str(guard.get("reason", ""))[:5000])
         hit = [d for d in steps if d["k"] == k_star]
         if hit:
-            chosen = {"k_star": hit[0]["k"], **_numeric(hit[0], fields)}
+            chosen = {"k_star": hit[0]["k"], **_numeric(hit[0], [f for f in child_fields() if f != "k"])}
             metrics += [Metric(key, v, now, 0) for key, v in _numeric(chosen, chosen).items()]
         if threshold is not None:
             metrics.append(Metric("threshold", float(threshold), now, 0))
         self._log_metric_list(self.parent_run_id, metrics)
         self.client.log_figure(self.parent_run_id, tradeoff_figure(steps, threshold, k_star, guard), PLOT_FILE)
+
+    def set_description(self, markdown: str) -> None:
+        """The parent run's description (the run page's "Description" box, markdown)."""
+        self.set_tags({"mlflow.note.content": markdown})
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        self._require()
+        for key, value in tags.items():
+            self.client.set_tag(self.parent_run_id, key, str(value)[:MAX_TAG])
+
+    def log_inputs(self, datasets: Sequence[DataInput] = (), model_ids: Sequence[str] = ()) -> None:
+        """Datasets the run read (name, digest, context) and logged models it started from,
+        as the run's inputs (the run page's "Datasets used" and model links)."""
+        from mlflow.entities import LoggedModelInput
+
+        self._require()
+        ds = [d.entity() for d in datasets if self._once(f"dataset:{d.context}:{d.name}")]
+        models = [LoggedModelInput(m) for m in model_ids if self._once(f"model_input:{m}")]
+        if ds or models:
+            self.client.log_inputs(self.parent_run_id, datasets=ds or None, models=models or None)
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None, model_id: str | None = None) -> None:
         """Final numbers on the parent run (e.g. attack metrics before and after healing);
@@ -275,12 +326,20 @@ class SearchTracker:
         # under the process's active experiment, not the run's.
         logged = self.client.create_logged_model(self.experiment_id, name=MODEL_NAME, source_run_id=self.parent_run_id,
                                                  params={k: v for k, v in self.params.items() if len(v) <= 500})
-        quiet = _QuietLogger("mlflow.pytorch")  # its pickle warning is the documented trade-off above
-        with _use_tracking_uri(self.uri), quiet:
-            info = mlflow.pytorch.log_model(
-                model, name=MODEL_NAME, run_id=self.parent_run_id, model_id=logged.model_id, signature=signature,
-                pip_requirements=reqs, registered_model_name=registered_name, serialization_format="pickle",
-            )
+        quiet = QuietLogger("mlflow.pytorch")  # its pickle warning is the documented trade-off above
+        user_uri = os.environ.get("MLFLOW_TRACKING_URI")
+        try:
+            with _use_tracking_uri(self.uri), quiet:
+                info = mlflow.pytorch.log_model(
+                    model, name=MODEL_NAME, run_id=self.parent_run_id, model_id=logged.model_id,
+                    signature=signature, pip_requirements=reqs, registered_model_name=registered_name,
+                    serialization_format="pickle",
+                )
+        finally:
+            # MLflow leaves the variable unset on the way out (it restores its own global,
+            # not the environment): the process's next run would lose the user's store.
+            if user_uri is not None:
+                os.environ["MLFLOW_TRACKING_URI"] = user_uri
         return info.model_id
 
     def log_files(self, paths: Iterable[str | Path], artifact_path: str = "outputs") -> None:
@@ -295,19 +354,3 @@ class SearchTracker:
         if self._once(f"file:{artifact_path}/{path.name}"):
             self.client.log_artifact(self.parent_run_id, str(path), artifact_path)
 
-
-class _QuietLogger:
-    """Raise one logger's level to ERROR for the duration of a ``with`` block."""
-
-    def __init__(self, name: str):
-        import logging
-
-        self.logger, self.level = logging.getLogger(name), logging.ERROR
-
-    def __enter__(self):
-        self.saved = self.logger.level
-        self.logger.setLevel(self.level)
-
-    def __exit__(self, *exc):
-        self.logger.setLevel(self.saved)
-        return False

@@ -14,6 +14,8 @@ from potion.unlearning.dampening import (
 from potion.unlearning.importances import ESTIMATORS, compute_importances, importance_sums
 from potion.unlearning.evaluator import StepEvaluator
 from potion.unlearning.methods import METHODS, HealContext, HealResult, heal
+from potion.unlearning import baselines as _baselines  # noqa: F401  (registers task_vector, finetune)
+from potion.unlearning import plus as _plus  # noqa: F401  (registers potion_plus)
 from potion.unlearning.ptn import (
     NothingToHeal,
     PTNConfig,

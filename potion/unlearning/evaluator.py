@@ -161,6 +161,10 @@ class StepEvaluator:
             self._acc0 = self._accuracy(self.forget_batches)
         return self._acc0
 
+    def forget_accuracy(self) -> float:
+        """The model's current weights on Sf (its poisoned labels)."""
+        return self._accuracy(self.forget_batches)
+
     @property
     def threshold(self) -> float:
         return self.config.rho * self.acc0
@@ -179,9 +183,14 @@ class StepEvaluator:
             self.proxy_batches = proxy
 
     def evaluate(self, k: int) -> StepResult:
-        if self.proxy_batches is not None:
-            self._split_proxy()  # at θ0, before θ_k is loaded
         state, alpha, n_sel = self._dampened(k)
+        return self.evaluate_state(state, k, alpha, n_sel)
+
+    def evaluate_state(self, state: Mapping[str, Tensor], k: int, alpha: float = float("nan"),
+                       n_selected: int = 0) -> StepResult:
+        """Any θ (e.g. a dampened model after a repair) measured as step k is: Sf, validation, proxy."""
+        if self.proxy_batches is not None:
+            self._split_proxy()  # at θ0, before θ is loaded
         self.model.load_state_dict(state)
         del state
         proxy = (None, None, None) if self.proxy_batches is None else proxy_accs(self._proxy_counts())
@@ -190,8 +199,8 @@ class StepEvaluator:
             s=self.share(k),
             alpha=alpha,
             lam=1.0,
-            n_selected=n_sel,
-            acc_forget=self._accuracy(self.forget_batches),
+            n_selected=n_selected,
+            acc_forget=self.forget_accuracy(),
             acc_val=self._val_accuracy(),
             acc_proxy=proxy[0],
             acc_proxy_target=proxy[1],

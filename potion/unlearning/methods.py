@@ -21,8 +21,11 @@ from potion.registry import Registry
 from potion.unlearning.dampening import dampen
 from potion.unlearning.guard import GuardConfig, guard_search
 from potion.unlearning.importances import compute_importances, importance_sums
+from potion.unlearning.plus_config import PlusConfig
 from potion.unlearning.sampling import RetainSample, SampledImportances, sampled_pass
+from potion.unlearning.task_vector import TaskVectorConfig
 from potion.unlearning.evaluator import StepEvaluator
+from potion.unlearning.finetune import FinetuneConfig
 from potion.unlearning.ptn import PTNConfig, PTNResult, ptn_search
 
 Tensor = torch.Tensor
@@ -75,6 +78,14 @@ class HealContext:
     proxy_batches: Sequence | None = None
     guard: GuardConfig = field(default_factory=GuardConfig)
     allow_damage: bool = False
+    # potion_plus: its switches, the target-labelled retain images (x, y batches) it may grow
+    # Sf with, and clean retain images (never the proxy) for its repair
+    plus: PlusConfig = field(default_factory=PlusConfig)
+    suspect_batches: Sequence | None = None
+    repair_batches: Sequence | None = None
+    # the baselines task_vector and finetune (potion.unlearning.baselines)
+    task_vector: TaskVectorConfig = field(default_factory=TaskVectorConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 @dataclass

@@ -1,0 +1,202 @@
+"""``potion_plus``: the damage guard's heal (``xlf_ptn_guard``) with more of the poison found,
+more than one dampening round and a guarded repair (beyond the paper; docs/method.md).
+
+1. Grow Sf (:mod:`potion.unlearning.expansion`) with the target-labelled retain images that
+   θ0's features place with the found poison; I_f is then measured on the grown set.
+2. Round 1 is the guard's search on the grown Sf. Each further round recomputes I_f at the
+   last round's θ and searches again within what is left of δ (I_r stays θ0's: recomputing
+   it is the cost of a whole retain pass). A round the guard refuses ends them.
+3. After each round, a repair (:mod:`potion.unlearning.repair`) of the guard's step and of the
+   paper's deeper k* on clean retain images; a candidate counts only when its damage on the
+   proxy, measured against θ0, stays within δ.
+
+The switches are :class:`~potion.unlearning.plus_config.PlusConfig`; all off runs the guard's
+own code path and returns its model exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Sequence
+
+import torch
+
+from potion.errors import PotionError
+from potion.unlearning.evaluator import StepEvaluator
+from potion.unlearning.expansion import ExpansionRule, fit_expansion
+from potion.unlearning.guard import guard_search, proxy_damage
+from potion.unlearning.importances import compute_importances
+from potion.unlearning.methods import (
+    METHODS,
+    HealContext,
+    HealResult,
+    _both_importances,
+    _importances,
+    retain_sample_record,
+)
+from potion.unlearning.proxy_split import penultimate_features
+from potion.unlearning.ptn import NothingToHeal, PTNNoCrossing, StepResult
+from potion.unlearning.repair import guarded_repair
+
+Tensor = torch.Tensor
+Batches = list[tuple[Tensor, Tensor]]
+
+
+def _features(ctx: HealContext, batches: Sequence) -> Tensor:
+    ctx.model.eval()
+    return penultimate_features(ctx.model, (x.to(ctx.device) for x, _ in batches)).cpu()
+
+
+def _rows(batches: Sequence, keep: Tensor, size: int) -> Batches:
+    """The kept rows of ``batches`` (``keep`` over all their rows, in order), re-cut every ``size``."""
+    x = torch.cat([b[0] for b in batches])[keep]
+    y = torch.cat([b[1] for b in batches])[keep]
+    return [(x[i:i + size], y[i:i + size]) for i in range(0, len(y), size)]
+
+
+def grow_mask(model: torch.nn.Module, forget_batches: Sequence, suspect_batches: Sequence, precision: float,
+              device: str | torch.device = "cpu") -> tuple[ExpansionRule | None, Tensor]:
+    """The expansion rule fitted at the model's weights (θ0) and its mask over the suspects.
+
+    Only the found samples θ0 itself sends to their poisoned label anchor the rule: those are
+    the ones the backdoor acts on. On a model without the backdoor there are none, and
+    nothing is found (the feature rule alone flagged 13 clean images on a clean toy MLP).
+    """
+    model.eval()
+    with torch.no_grad():
+        acted = [(x[model(x.to(device)).argmax(1).cpu() == y.cpu()], y) for x, y in forget_batches]
+    n_cand = sum(len(y) for _, y in suspect_batches)
+    if not any(len(x) for x, _ in acted) or not n_cand:
+        return None, torch.zeros(n_cand, dtype=torch.bool)
+    cand = penultimate_features(model, (x.to(device) for x, _ in suspect_batches)).cpu()
+    anchor = penultimate_features(model, (x.to(device) for x, _ in acted if len(x))).cpu()
+    rule = fit_expansion(anchor, cand, precision)
+    return rule, rule.flag(cand)
+
+
+def _expansion(ctx: HealContext) -> tuple[ExpansionRule | None, Tensor | None, dict[str, Any]]:
+    """The rule fitted on θ0's features and its mask over the suspects (None without suspects)."""
+    cfg = ctx.plus
+    if not ctx.suspect_batches or not (cfg.expand or cfg.repair_steps):
+        return None, None, {"candidates": 0, "found": 0}
+    ctx.model.load_state_dict(ctx.state0)
+    rule, mask = grow_mask(ctx.model, ctx.forget_batches, ctx.suspect_batches, cfg.expand_precision, ctx.device)
+    found = torch.nonzero(mask).flatten().tolist()
+    return rule, mask, {"candidates": len(mask), "found": len(found), "found_positions": found}
+
+
+def _repair_set(ctx: HealContext, rule: ExpansionRule | None, targets: Tensor) -> tuple[Batches, int]:
+    """The repair's clean images: target-labelled ones the rule calls poison-like are left out."""
+    batches = [(x.to(ctx.device), y.to(ctx.device)) for x, y in (ctx.repair_batches or [])]
+    if not batches or rule is None:
+        return batches, 0
+    ctx.model.load_state_dict(ctx.state0)
+    is_t = torch.cat([torch.isin(y.cpu(), targets) for _, y in batches])
+    feats = _features(ctx, [(x[t], y) for (x, y), t in
+                            ((b, torch.isin(b[1].cpu(), targets).to(b[0].device)) for b in batches) if t.any()])
+    drop = torch.zeros(len(is_t), dtype=torch.bool)
+    drop[is_t] = rule.flag(feats)
+    size = max(len(y) for _, y in batches)
+    return _rows(batches, (~drop).to(batches[0][0].device), size), int(drop.sum())
+
+
+def _pick(options: list[tuple[str, dict, StepResult, float]], threshold: float, delta: float, tolerance: float):
+    """Within δ (damage against θ0): the least damaging one that crosses ρ·acc0, else the least
+    damaging one within ``tolerance`` of the lowest a_k (a repair may raise a_k that much; the
+    damage it wins back is δ left for the next round)."""
+    ok = [o for o in options if o[3] >= -delta]
+    crossing = [o for o in ok if o[2].acc_forget <= threshold]
+    if crossing:
+        return max(crossing, key=lambda o: o[3])
+    if not ok:
+        return None
+    low = min(o[2].acc_forget for o in ok)
+    return max((o for o in ok if o[2].acc_forget <= low + tolerance), key=lambda o: (o[3], -o[2].acc_forget))
+
+
+@METHODS.register("potion_plus")
+def _potion_plus(ctx: HealContext) -> HealResult:
+    """XLF + PTN + the damage guard, with Sf grown, several rounds and a guarded repair."""
+    if ctx.proxy_batches is None:
+        raise PotionError("method 'potion_plus' needs a clean proxy (proxy_batches: a slice of the retain set)")
+    cfg = ctx.plus
+    t0 = time.perf_counter()
+    rule, mask, expansion = _expansion(ctx)
+    forget, n_forget = ctx.forget_batches, ctx.n_forget
+    targets = torch.unique(torch.cat([y.reshape(-1).cpu() for _, y in ctx.forget_batches]))
+    if cfg.expand and mask is not None and mask.any():
+        size = max(len(y) for _, y in ctx.forget_batches)
+        grown = torch.cat([torch.ones(n_forget, dtype=torch.bool), mask])
+        forget = _rows(list(ctx.forget_batches) + list(ctx.suspect_batches), grown, size)
+        n_forget += int(mask.sum())
+        # the grown set is new to the importance cache: measured here (Sf is small)
+        ctx.model.load_state_dict(ctx.state0)
+        imp_f = compute_importances(ctx.model, forget, "xlf", device=ctx.device)
+        timings = {"importance_forget_s": time.perf_counter() - t0}
+        imp_r, timings["importance_retain_s"] = _importances(ctx, "xlf", "retain", reference=imp_f)
+    else:
+        imp_f, imp_r, timings = _both_importances(ctx, "xlf")
+    t_search = time.perf_counter()
+    repair, dropped = _repair_set(ctx, rule, targets) if cfg.repair_steps else ([], 0)
+    delta = ctx.guard.max_damage
+    state, first, ev0, rounds = ctx.state0, None, None, []
+    for r in range(cfg.rounds):
+        if r:
+            ctx.model.load_state_dict(state)
+            imp_f = compute_importances(ctx.model, forget, "xlf", device=ctx.device)
+        ev = StepEvaluator(ctx.model, state, imp_f, imp_r, forget, n_forget, ctx.n_total, ctx.ptn,
+                           val_batches=ctx.val_batches, device=ctx.device, fast=ctx.fast_eval,
+                           proxy_batches=ctx.proxy_batches)
+        budget = delta if ev0 is None else delta + rounds[-1]["damage"]
+        try:
+            res = guard_search(ev, ctx.ptn, dataclasses.replace(ctx.guard, max_damage=max(budget, 0.0)),
+                               ctx.allow_damage and r == 0, search=ctx.search, progress=ctx.progress)
+        except (PTNNoCrossing, NothingToHeal):  # the guard's refusal too: a later round keeps the last
+            if r == 0:
+                raise
+            break
+        if ev0 is None:
+            ev0, first = ev, res
+        if cfg.rounds == 1 and not cfg.repair_steps:  # the guard's step as it chose it
+            state = res.state_dict
+            break
+        chosen = _round(ctx, ev0, ev, res, repair, delta)
+        if chosen is None:
+            break
+        state = chosen[1]
+        rounds.append({"round": r + 1, "k": res.k_star, "status": res.guard.get("status"), "picked": chosen[0],
+                       "acc_forget": chosen[2].acc_forget, "damage": chosen[3], **chosen[4]})
+        if delta + chosen[3] <= 0:  # δ spent
+            break
+    timings["search_s"] = time.perf_counter() - t_search
+    info = {"estimator": "xlf", "lam": 1.0, "ptn": dataclasses.asdict(ctx.ptn),
+            "retain_sample": retain_sample_record(ctx, imp_r), **first.to_dict(),
+            "plus": {**dataclasses.asdict(cfg), "expansion": expansion, "n_forget_grown": n_forget,
+                     "repair_dropped": dropped, "repair_images": sum(len(y) for _, y in repair),
+                     "rounds": rounds}}
+    return HealResult("potion_plus", {n: t.detach().clone() for n, t in state.items()}, info, timings)
+
+
+def _round(ctx: HealContext, ev0: StepEvaluator, ev: StepEvaluator, res, repair: Batches, delta: float):
+    """This round's step, and its repairs, measured against θ0; the pick (see :func:`_pick`)."""
+    cfg = ctx.plus
+    base, acc0 = ev0.proxy_base, float(ev0.acc0)
+
+    def measured(name: str, state: dict, extra: dict) -> tuple[str, dict, StepResult, float, dict]:
+        r = ev0.evaluate_state(state, res.k_star)
+        return name, state, r, proxy_damage(r, base, acc0, 0.0), extra
+
+    options = [measured("guard", res.state_dict, {})]
+    if cfg.repair_steps and repair:
+        starts = [("guard+repair", res.k_star, res.state_dict)]
+        k_paper = res.guard.get("k_paper")
+        if k_paper is not None and k_paper != res.k_star:
+            starts.append(("paper+repair", k_paper, ev.healed_state(k_paper)))
+        for name, k, start in starts:
+            ctx.model.load_state_dict(start)
+            a_k = ev0.forget_accuracy()
+            fixed, rec = guarded_repair(ctx.model, start, repair, lambda m: ev0.forget_accuracy(),
+                                        a_k + cfg.repair_tolerance, steps=cfg.repair_steps, lr=cfg.repair_lr,
+                                        check_every=cfg.repair_check, device=ctx.device)
+            options.append(measured(name, fixed, {"repair": {"k": k, **rec.to_dict()}}))
+    return _pick(options, ctx.ptn.rho * acc0, delta, cfg.repair_tolerance)
