@@ -37,6 +37,23 @@ def fast_inference(device: torch.device, enabled: bool = True):
     return torch.autocast("cuda", dtype=dtype)
 
 
+def batches_accuracy(model: nn.Module, batches, device: str | torch.device = "cpu", fast: bool = False) -> float:
+    """Share of the ``(x, y)`` rows of ``batches`` that ``model``, in the mode the caller set,
+    gets right; ``fast`` as in ``predict_with_labels``."""
+    device = torch.device(device)
+    correct = total = 0
+    with torch.no_grad(), fast_inference(device, fast):
+        for batch in batches:
+            x, y = batch[0].to(device), batch[1].to(device)
+            if fast and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            correct += int((model(x).argmax(dim=1) == y).sum())
+            total += int(y.shape[0])
+    if total == 0:
+        raise PotionError("cannot measure accuracy on an empty set of batches")
+    return correct / total
+
+
 def predict_with_labels(model: nn.Module, view, batch_size: int = 512, device: str | torch.device = "cpu",
                         fast: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Predicted classes and the view's labels, in the view's order (eval mode, no augmentation).

@@ -84,15 +84,6 @@ def _flat(prefix: str, d: dict) -> dict:
     return out
 
 
-def tracking_uri_for(arg: str | None, out: Path) -> str | None:
-    from potion.tracking.store import configured_tracking_uri
-
-    uri = configured_tracking_uri(arg)
-    if uri == "none":
-        return None
-    return uri or f"sqlite:///{(out / 'mlflow.db').absolute()}"
-
-
 # ---------------------------------------------------------------- the run
 SHOW = ["cell_id", "status", "n_forget", "clean_acc_after", "asr_after", "poison_healed", "model_damage",
         "k_star", "total_s", "reused"]
@@ -300,7 +291,9 @@ def benchmark(suite: SuiteConfig, out: str | Path, *, suite_file: Path | None = 
         if warning:
             print(warning)
         return []
-    runner = Runner(plan, tracking_uri=tracking_uri_for(tracking_uri, out), progress=progress, command=command)
+    from potion.tracking.store import resolve_tracking_uri
+
+    runner = Runner(plan, tracking_uri=resolve_tracking_uri(tracking_uri, out), progress=progress, command=command)
     runner.load_finished()
     if progress:
         print(f"suite {suite.name}: {len(plan.cells)} cells, {len(runner.records)} already finished; "

@@ -37,9 +37,9 @@ class ChunkSums:
                  device: str, augment: bool, seed: int):
         import ray
 
-        if device == "auto":
-            device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
-        self.device = device
+        from potion.distributed.runtime import worker_device
+
+        self.device = worker_device(device)
         self.error: PotionError | None = None
         try:
             self.model = model_factory()

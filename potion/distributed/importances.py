@@ -38,10 +38,10 @@ def _shard_sums(model_factory, view_factory, positions: np.ndarray, estimator, p
     """One shard: Σ_b G(b) over its batches and their count (runs inside a Ray task)."""
     import ray
 
+    from potion.distributed.runtime import worker_device
     from potion.unlearning.importances import importance_sums
 
-    if device == "auto":
-        device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+    device = worker_device(device)
     model = model_factory()
     view = view_factory().subset(positions)
     batches = view.batches(batch_size, augment=augment, seed=seed, device=device)

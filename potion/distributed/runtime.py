@@ -350,6 +350,17 @@ def owned() -> bool:
     return _owned
 
 
+def worker_device(device: str = "auto") -> str:
+    """Inside a Ray task or actor: ``device``, with ``auto`` read as CUDA when Ray gave this
+    worker a GPU and torch can use it, else the CPU."""
+    if device != "auto":
+        return device
+    import ray
+    import torch
+
+    return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+
+
 def shutdown_if_owned() -> None:
     """Stop the Ray instance if this process started it; leave a joined cluster alone.
     Either way the run is over: its watchdog stops."""

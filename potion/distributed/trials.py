@@ -136,10 +136,9 @@ def _cached_evaluator(payload: SearchPayload) -> StepEvaluator:
     """One evaluator per worker process and search (reused actors keep it)."""
     if _CACHE.get("token") != payload.token:
         _CACHE.clear()
-        import ray
+        from potion.distributed.runtime import worker_device
 
-        device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
-        _CACHE["evaluator"] = build_evaluator(payload, device)
+        _CACHE["evaluator"] = build_evaluator(payload, worker_device())
         _CACHE["token"] = payload.token
     return _CACHE["evaluator"]
 

@@ -25,13 +25,13 @@ from potion.heal.outputs import DELETION_FILE, REPORT_FILE, build_report, write_
 from potion.heal.report import before_after_metrics, run_description
 from potion.heal.sets import (GUARDED, check_deletion_is_poison, draw_proxy, draw_repair, expansion_score,
                               proxy_record, select_deletion_set, suspects)
-from potion.heal.tracked import log_heal_inputs, open_tracker, resolve_tracking_uri
+from potion.heal.tracked import log_heal_inputs, open_tracker
 from potion.io import make_dirs, refuse_overlap, staged_output_dir
 from potion.metrics import accuracy, eval_batch_size
 from potion.runs.configs import HealJob
 from potion.runs.destination import local_output, resolve_out
 from potion.runs.folder import MODEL_FILE, resolve_device
-from potion.tracking.store import configured_tracking_uri, refuse_default_store_for_remote
+from potion.tracking.store import configured_tracking_uri, refuse_default_store_for_remote, resolve_tracking_uri
 from potion.unlearning.batch_size import label_runs, resolve_batch_size, sorted_batches_note
 from potion.unlearning.cache import ImportanceCache
 from potion.unlearning.guard import GuardNoSafeStep
@@ -72,7 +72,7 @@ def _run_heal_at(source, job: HealJob, out: Path, *, share, count, identified, o
     if job.cache_dir != "none":
         ImportanceCache(Path(job.cache_dir or default_cache_dir())).secret  # a bad secret fails here, not later
         make_dirs(job.cache_dir or default_cache_dir(), "the importance cache folder", "--cache-dir")
-    final_uri = resolve_tracking_uri(job, out)
+    final_uri = resolve_tracking_uri(job.tracking_uri, out)
     if final_uri and configured_tracking_uri(job.tracking_uri):
         from potion.tracking.store import check_tracking
 
@@ -88,7 +88,7 @@ def _run_heal_at(source, job: HealJob, out: Path, *, share, count, identified, o
             if out.exists() and any(out.iterdir()):
                 raise
             refused = e
-        if resolve_tracking_uri(job, stage) != final_uri:  # the default store lives in the stage
+        if resolve_tracking_uri(job.tracking_uri, stage) != final_uri:  # the default store lives in the stage
             from potion.tracking.store import relocate_sqlite_store
 
             relocate_sqlite_store(stage / "mlflow.db", stage.resolve(), out.resolve())
@@ -99,7 +99,7 @@ def _run_heal_at(source, job: HealJob, out: Path, *, share, count, identified, o
 
 def _connect_and_heal(source, job: HealJob, out: Path, share, count, identified, progress, *,
                       final_out: Path, final_uri: str | None) -> dict:
-    tracking_uri = resolve_tracking_uri(job, out)
+    tracking_uri = resolve_tracking_uri(job.tracking_uri, out)
     py_modules = source.py_modules()  # parses --model: a bad spec fails before Ray starts
     if tracking_uri:
         from potion.tracking.store import check_tracking

@@ -1,5 +1,5 @@
-"""Which MLflow store a heal logs to (``--tracking-uri``, ``MLFLOW_TRACKING_URI`` or a sqlite
-file in the output folder), and the parent run it opens there."""
+"""The parent MLflow run a heal opens in its store (``tracking.store.resolve_tracking_uri``
+chooses the store), and the inputs it records there."""
 from __future__ import annotations
 
 import contextlib
@@ -13,17 +13,6 @@ from potion.heal.inputs import HealInputs
 from potion.heal.outputs import DELETION_FILE
 from potion.runs.configs import HealJob
 from potion.unlearning.cache import hash_arrays
-
-
-def resolve_tracking_uri(job: HealJob, out: Path) -> str | None:
-    from potion.tracking.store import configured_tracking_uri, default_tracking_uri
-
-    uri = configured_tracking_uri(job.tracking_uri)
-    if uri == "none":
-        return None
-    if uri:
-        return uri
-    return default_tracking_uri(out)
 
 
 def open_tracker(uri, job: HealJob, inputs: HealInputs, out: Path):

@@ -12,23 +12,15 @@ from potion.runs.configs import TrainJob
 from potion.runs.folder import CONFIG_FILE, MANIFEST_FILE, METRICS_FILE, MODEL_FILE
 
 
-def train_tracking_uri(job: TrainJob, out: Path) -> str | None:
-    """The store a training run logs to: the user's, none (``'none'``), or sqlite ``out``/mlflow.db
-    (the heal's rule: it reads only ``job.tracking_uri``)."""
-    from potion.heal.tracked import resolve_tracking_uri
-
-    return resolve_tracking_uri(job, out)
-
-
 def check_train_tracking(job: TrainJob, out: Path) -> None:
     """A store the user named must answer before training starts, not after."""
-    from potion.tracking.store import check_tracking, configured_tracking_uri
+    from potion.tracking.store import check_tracking, configured_tracking_uri, default_tracking_uri
 
     uri = configured_tracking_uri(job.tracking_uri)
     if uri and uri != "none":
         check_tracking(uri)
     elif uri is None:
-        train_tracking_uri(job, out)  # an --out the default sqlite URI cannot hold fails here
+        default_tracking_uri(out)  # an --out the default sqlite URI cannot hold fails here
 
 
 def log_train_run(job: TrainJob, stage: Path, final_out: Path, model, example, metrics: dict,
@@ -36,13 +28,13 @@ def log_train_run(job: TrainJob, stage: Path, final_out: Path, model, example, m
     """Log the finished run folder in ``stage`` (to be moved to ``final_out``) as one MLflow
     run; writes ``mlflow_run.json`` there and returns what it holds (None: tracking is off)."""
     from potion.tracking.context import RUN_TRACKING_FILE, DataInput
-    from potion.tracking.store import relocate_sqlite_store
+    from potion.tracking.store import relocate_sqlite_store, resolve_tracking_uri
     from potion.tracking.tracker import SearchTracker
 
-    final_uri = train_tracking_uri(job, final_out)
+    final_uri = resolve_tracking_uri(job.tracking_uri, final_out)
     if final_uri is None:
         return None
-    uri = train_tracking_uri(job, stage)  # the default store is built in the stage, moved with it
+    uri = resolve_tracking_uri(job.tracking_uri, stage)  # the default store is built in the stage, moved with it
 
     data = DataInput(name=job.data.dataset, digest=file_sha256(stage / MANIFEST_FILE), context="training",
                      rows=n_train, source={"dataset": job.data.dataset, "args": job.data.args,

@@ -75,6 +75,15 @@ def configured_tracking_uri(flag: str | None) -> str | None:
     return flag or os.environ.get("POTION_TRACKING_URI") or os.environ.get("MLFLOW_TRACKING_URI") or None
 
 
+def resolve_tracking_uri(flag: str | None, out: str | Path) -> str | None:
+    """The store a run logs to: the user's (see ``configured_tracking_uri``), None for
+    ``'none'``, else sqlite in ``out`` (``default_tracking_uri``)."""
+    uri = configured_tracking_uri(flag)
+    if uri == "none":
+        return None
+    return uri or default_tracking_uri(out)
+
+
 def refuse_default_store_for_remote(out_uri: str, flag: str | None) -> None:
     """A remote ``--out`` cannot hold the default store (a sqlite file in --out): before any compute."""
     if configured_tracking_uri(flag) is None:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from potion.errors import PotionError
-from potion.metrics import fast_inference
+from potion.metrics import batches_accuracy
 from potion.unlearning.dampening import RatioQuantiles, dampen, importance_ratios, percentile_for_share
 from potion.unlearning.proxy import ProxyBase, proxy_accs, proxy_base, proxy_counts, split_proxy
 from potion.unlearning.ptn import PTNConfig, StepResult, share_at_step
@@ -110,17 +110,8 @@ class StepEvaluator:
                 m.training = mode
 
     def _accuracy(self, batches: Iterable) -> float:
-        correct = total = 0
-        with self._eval_mode(), torch.no_grad(), fast_inference(self.device, self.fast):
-            for batch in batches:
-                x, y = batch[0].to(self.device), batch[1].to(self.device)
-                if self.fast and x.dim() == 4:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                correct += int((self.model(x).argmax(dim=1) == y).sum())
-                total += int(y.shape[0])
-        if total == 0:
-            raise PotionError("cannot measure accuracy on an empty set of batches")
-        return correct / total
+        with self._eval_mode():
+            return batches_accuracy(self.model, batches, self.device, self.fast)
 
     def _val_accuracy(self) -> float | None:
         if self.val_batches is None:

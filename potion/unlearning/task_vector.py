@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from potion.errors import PotionError
+from potion.metrics import batches_accuracy
 from potion.unlearning.finetune import check_sgd, sgd_steps
 
 Tensor = torch.Tensor
@@ -103,13 +104,5 @@ def choose_scale(acc_at: Callable[[float], float], threshold: float,
 
 
 def accuracy_on(model: nn.Module, batches: Iterable, device: str | torch.device = "cpu") -> float:
-    """Share of ``(x, y)`` rows the model (in eval mode) gets right."""
-    model.eval()
-    correct = total = 0
-    with torch.no_grad():
-        for x, y in batches:
-            correct += int((model(x.to(device)).argmax(dim=1) == y.to(device)).sum())
-            total += int(y.shape[0])
-    if total == 0:
-        raise PotionError("cannot measure accuracy on an empty set of batches")
-    return correct / total
+    """Share of ``(x, y)`` rows the model, put in eval mode, gets right."""
+    return batches_accuracy(model.eval(), batches, device)
