@@ -32,6 +32,9 @@ def main(argv=None) -> None:
     ap.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (default 0.01, momentum 0.9)")
     ap.add_argument("--steps", type=int, default=100, help="updates of 128 Dr and 64 Sf images (default 100)")
     ap.add_argument("--ascent", type=float, default=0.5, help="weight of Sf's loss, ascended (default 0.5)")
+    ap.add_argument("--bn", choices=["separate", "joint", "sf-nostats"], default="separate",
+                    help="batch norm: Dr and Sf forwarded apart (default), in one batch, or Sf without "
+                         "updating the running statistics")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     inp = RunSource(args.run).load()
@@ -50,7 +53,20 @@ def main(argv=None) -> None:
         x, y = next(iter(inp.train.subset(np.sort(rng.choice(dr, 128, replace=False))).batches(128)))
         f = rng.choice(len(sf), min(64, len(sf)), replace=False)
         # the ascent is capped so that a sample already forgotten stops pulling
-        loss = F.cross_entropy(model(x), y) - args.ascent * F.cross_entropy(model(xf[f]), yf[f]).clamp(max=5.0)
+        if args.bn == "joint":
+            out = model(torch.cat([x, xf[f]]))
+            out_r, out_f = out[:len(y)], out[len(y):]
+        else:
+            out_r = model(x)
+            bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+            saved = [m.momentum for m in bns]
+            if args.bn == "sf-nostats":
+                for m in bns:
+                    m.momentum = 0.0
+            out_f = model(xf[f])
+            for m, mom in zip(bns, saved):
+                m.momentum = mom
+        loss = F.cross_entropy(out_r, y) - args.ascent * F.cross_entropy(out_f, yf[f]).clamp(max=5.0)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -275,9 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_owner_flags(p)
     g = p.add_argument_group("method")
     g.add_argument("--method", help="xlf_ptn_guard (default: importance dampening, searched, with a damage guard), "
-                   "xlf_ptn (the paper's method, no guard), potion_plus (the guard with the deletion set grown, more "
-                   "rounds and a guarded repair; switches --set plus.expand=false, plus.rounds=1, "
-                   "plus.repair_steps=0, plus.shuffle_retain=false), lf_ptn, ssd_ptn, ssd, ssd_grid, eu, none; baselines "
+                   "xlf_ptn (the paper's method, no guard), potion_plus (the deletion set grown, then "
+                   "a guarded NegGrad+ step, else the guard with more rounds and a guarded repair; switches --set "
+                   "plus.expand=false, plus.neggrad_steps=0, plus.rounds=1, plus.repair_steps=0, "
+                   "plus.shuffle_retain=false), lf_ptn, ssd_ptn, ssd, ssd_grid, eu, none; baselines "
                    "task_vector (CUTS-style task-vector negation), finetune (SGD on the retain set alone)")
     g.add_argument("--batch-size", type=int, help="images per importance batch (default: chosen from the size "
                    "of the retain set; an explicit value wins)")

@@ -10,7 +10,9 @@ import torch
 from potion.errors import PotionError
 from potion.heal.sets import draw_proxy, draw_repair
 from potion.unlearning.expansion import expand_mask
+from potion.unlearning.guard import GuardConfig
 from potion.unlearning.methods import HealContext, heal
+from potion.unlearning.neggrad import neggrad_steps
 from potion.unlearning.plus import grow_mask
 from potion.unlearning.plus_config import PlusConfig
 from potion.unlearning.proxy_split import penultimate_features
@@ -18,7 +20,7 @@ from potion.unlearning.ptn import PTNConfig
 from potion.unlearning.repair import guarded_repair
 from toy_backdoor import backdoored_mlp
 
-ALL_OFF = PlusConfig(expand=False, rounds=1, repair_steps=0, shuffle_retain=False)
+ALL_OFF = PlusConfig(expand=False, neggrad_steps=0, rounds=1, repair_steps=0, shuffle_retain=False)
 
 
 def batches(x, y, size=64):
@@ -141,9 +143,46 @@ def test_a_repair_that_wakes_the_backdoor_is_stopped_and_rolled_back():
     assert all(torch.equal(state[k], m.state_dict()[k]) for k in state)
 
 
+def test_neggrad_forgets_the_backdoor_and_hands_back_the_model_at_every_check():
+    case = toy_case()
+    m, x, y = case["model"], case["x"], case["y"]
+    _, asr0 = scores(m, case["theta0"], case["test"])
+    m.load_state_dict(case["theta0"])
+    repair = case["ctx"](PlusConfig()).repair_batches
+    seen = []
+    for step in neggrad_steps(m, repair, x[case["forget"]], y[case["forget"]], steps=25, lr=0.01, ascent=0.5,
+                              cap=5.0, forget_batch=8, check_every=10):
+        seen.append((step, m.training))
+    assert seen == [(10, False), (20, False), (25, False)]
+    _, asr = scores(m, m.state_dict(), case["test"])
+    assert asr0 > 0.9 and asr < 0.5 * asr0, (asr0, asr)
+
+
+def test_neggrad_is_kept_only_within_the_guards_delta():
+    """On the toy MLP NegGrad+ heals, but every check costs the proxy 2-6 points: within
+    δ = 1 the heal goes on to dampening; with δ = 10 the NegGrad+ model is returned."""
+    case = toy_case()
+    m = case["model"]
+    _, asr0 = scores(m, case["theta0"], case["test"])
+    tight = heal("potion_plus", case["ctx"](PlusConfig()))
+    ng = tight.info["plus"]["neggrad"]
+    assert tight.info["step"] == "dampening" and ng["picked"] is None
+    assert ng["checks"] and all(c["damage"] < -1.0 for c in ng["checks"])
+    loose = heal("potion_plus", case["ctx"](PlusConfig(), guard=GuardConfig(max_damage=10.0)))
+    ng = loose.info["plus"]["neggrad"]
+    assert loose.info["step"] == "neggrad" and ng["picked"] is not None
+    picked = next(c for c in ng["checks"] if c["step"] == ng["picked"])
+    assert picked["damage"] >= -10.0 and picked["acc_held_out"] <= ng["threshold"]
+    _, asr = scores(m, loose.state_dict, case["test"])
+    assert asr < 0.5 * asr0, (asr0, asr)
+    # the kept check heals its held-out share of Sf best; no other check within δ does better
+    assert all(c["acc_held_out"] >= picked["acc_held_out"] for c in ng["checks"] if c["damage"] >= -10.0)
+
+
 def test_plus_config_rejects_bad_values():
     for bad in (dict(rounds=0), dict(repair_steps=-1), dict(expand_precision=1.0), dict(repair_lr=0.0),
-                dict(repair_tolerance=2.0), dict(rounds=True)):
+                dict(repair_tolerance=2.0), dict(rounds=True), dict(neggrad_steps=-1), dict(neggrad_lr=0),
+                dict(neggrad_holdout=1.0), dict(neggrad_cap=float("nan")), dict(neggrad_check=0)):
         with pytest.raises(PotionError, match="plus\\."):
             PlusConfig(**bad)
     with pytest.raises(PotionError, match="clean proxy"):

@@ -201,7 +201,7 @@ def select_sets(inputs: HealInputs, job: HealJob, share, count, identified, devi
     proxy = proxy_batches = None
     if job.method in GUARDED:
         size = job.proxy_size
-        if job.method == "potion_plus" and job.plus.repair_steps:
+        if job.method == "potion_plus" and job.plus.clean_steps:
             size = min(size, max(1, len(retain) // 2))  # a small Dr leaves half for the repair
         proxy = draw_proxy(retain, size, job.seed)
         proxy_batches = list(view.subset(proxy).batches(eval_bs, device=device))
@@ -219,10 +219,10 @@ def select_sets(inputs: HealInputs, job: HealJob, share, count, identified, devi
                     proxy, proxy_batches, retain_sample, eval_bs, extra)
     if job.method == "potion_plus":
         plus = job.plus
-        if plus.expand or plus.repair_steps:
+        if plus.expand or plus.clean_steps:
             sets.suspects = suspects(retain, view.labels, deletion)
             sets.suspect_batches = list(view.subset(sets.suspects).batches(eval_bs, device=device))
-        if plus.repair_steps:
+        if plus.clean_steps:
             repair = np.searchsorted(retain, draw_repair(retain, proxy, plus.repair_size, job.seed))
             sets.repair_batches = list(retain_view.subset(repair).batches(plus.repair_batch_size, shuffle=True,
                                                                         seed=job.seed, device=device))

@@ -41,8 +41,8 @@ class StepEvaluator:
         self,
         model: nn.Module,
         state0: Mapping[str, Tensor],
-        imp_f: Mapping[str, Tensor],
-        imp_r: Mapping[str, Tensor],
+        imp_f: Mapping[str, Tensor] | None,
+        imp_r: Mapping[str, Tensor] | None,
         forget_batches: Sequence,
         n_forget: int,
         n_total: int,
@@ -61,8 +61,9 @@ class StepEvaluator:
         if self.fast:
             self.model.to(memory_format=torch.channels_last)
         self.state0 = {n: t.detach().to(self.device).clone() for n, t in state0.items()}
-        self.imp_f = {n: t.to(self.device) for n, t in imp_f.items()}
-        self.imp_r = {n: t.to(self.device) for n, t in imp_r.items()}
+        # without importances it only measures given states (evaluate_state): no step k to build
+        self.imp_f = {n: t.to(self.device) for n, t in (imp_f or {}).items()}
+        self.imp_r = {n: t.to(self.device) for n, t in (imp_r or {}).items()}
         self.forget_batches = _to_device(forget_batches, self.device)
         if not self.forget_batches:
             raise PotionError("the deletion set is empty: PTN needs at least one identified poisoned sample")
@@ -71,7 +72,7 @@ class StepEvaluator:
         if val_batches is not None and not callable(val_batches) and not isinstance(val_batches, Sequence):
             val_batches = list(val_batches)  # a one-shot iterator would be empty from step 2 on
         self.val_batches = val_batches
-        self.quantiles = RatioQuantiles(importance_ratios(imp_f, imp_r))
+        self.quantiles = RatioQuantiles(importance_ratios(imp_f, imp_r)) if imp_f is not None else None
         self._acc0: float | None = None
         self.proxy_batches = None if proxy_batches is None else _to_device(proxy_batches, self.device)
         if self.proxy_batches is not None and not self.proxy_batches:
@@ -87,6 +88,8 @@ class StepEvaluator:
         return share_at_step(k, self.n_forget, self.n_total, self.config.buffer, self.config.step)
 
     def alpha(self, k: int) -> float:
+        if self.quantiles is None:
+            raise PotionError("this StepEvaluator was built without importances: it measures states, not steps k")
         return self.quantiles.percentile(percentile_for_share(self.share(k)))
 
     def _dampened(self, k: int) -> tuple[dict[str, Tensor], float, int]:

@@ -1,12 +1,18 @@
 """``potion_plus``: the damage guard's heal (``xlf_ptn_guard``) with more of the poison found,
-more than one dampening round and a guarded repair (beyond the paper; docs/method.md).
+a guarded NegGrad+ step, more than one dampening round and a guarded repair (beyond the paper; docs/method.md).
 
 1. Grow Sf (:mod:`potion.unlearning.expansion`) with the target-labelled retain images that
    θ0's features place with the found poison; I_f is then measured on the grown set.
-2. Round 1 is the guard's search on the grown Sf. Each further round recomputes I_f at the
+2. NegGrad+ (:mod:`potion.unlearning.neggrad`) on the grown Sf, from θ0, with a share of Sf
+   held out of its updates. Every few updates the held-out part of Sf and the clean proxy
+   are measured; the check with the lowest held-out accuracy within δ of proxy damage (ties:
+   the lowest on all of Sf, then the least damage) is kept when it crosses ρ · (its accuracy
+   at θ0), and the heal ends there, with no importance pass at all. Otherwise the heal goes
+   on as without it:
+3. Round 1 is the guard's search on the grown Sf. Each further round recomputes I_f at the
    last round's θ and searches again within what is left of δ (I_r stays θ0's: recomputing
    it is the cost of a whole retain pass). A round the guard refuses ends them.
-3. After each round, a repair (:mod:`potion.unlearning.repair`) of the guard's step and of the
+4. After each round, a repair (:mod:`potion.unlearning.repair`) of the guard's step and of the
    paper's deeper k* on clean retain images; a candidate counts only when its damage on the
    proxy, measured against θ0, stays within δ.
 
@@ -22,9 +28,11 @@ from typing import Any, Sequence
 import torch
 
 from potion.errors import PotionError
+from potion.metrics import batches_accuracy
 from potion.unlearning.evaluator import StepEvaluator
 from potion.unlearning.expansion import ExpansionRule, fit_expansion
 from potion.unlearning.guard import guard_search, proxy_damage
+from potion.unlearning.neggrad import neggrad_steps
 from potion.unlearning.importances import compute_importances
 from potion.unlearning.methods import (
     METHODS,
@@ -77,7 +85,7 @@ def grow_mask(model: torch.nn.Module, forget_batches: Sequence, suspect_batches:
 def _expansion(ctx: HealContext) -> tuple[ExpansionRule | None, Tensor | None, dict[str, Any]]:
     """The rule fitted on θ0's features and its mask over the suspects (None without suspects)."""
     cfg = ctx.plus
-    if not ctx.suspect_batches or not (cfg.expand or cfg.repair_steps):
+    if not ctx.suspect_batches or not (cfg.expand or cfg.clean_steps):
         return None, None, {"candidates": 0, "found": 0}
     ctx.model.load_state_dict(ctx.state0)
     rule, mask = grow_mask(ctx.model, ctx.forget_batches, ctx.suspect_batches, cfg.expand_precision, ctx.device)
@@ -129,6 +137,17 @@ def _potion_plus(ctx: HealContext) -> HealResult:
         grown = torch.cat([torch.ones(n_forget, dtype=torch.bool), mask])
         forget = _rows(list(ctx.forget_batches) + list(ctx.suspect_batches), grown, size)
         n_forget += int(mask.sum())
+    repair, dropped = _repair_set(ctx, rule, targets) if cfg.clean_steps else ([], 0)
+    plus_info = {**dataclasses.asdict(cfg), "expansion": expansion, "n_forget_grown": n_forget,
+                 "repair_dropped": dropped, "repair_images": sum(len(y) for _, y in repair)}
+    if cfg.neggrad_steps and repair and n_forget >= cfg.neggrad_min_forget:
+        t_ng = time.perf_counter()
+        state, plus_info["neggrad"] = _neggrad(ctx, forget, n_forget, repair)
+        if state is not None:
+            info = {"estimator": None, "step": "neggrad", "acc0": plus_info["neggrad"]["acc0"],
+                    "threshold": plus_info["neggrad"]["threshold"], "plus": plus_info}
+            return HealResult("potion_plus", state, info, {"neggrad_s": time.perf_counter() - t_ng})
+    if cfg.expand and mask is not None and mask.any():
         # the grown set is new to the importance cache: measured here (Sf is small)
         ctx.model.load_state_dict(ctx.state0)
         imp_f = compute_importances(ctx.model, forget, "xlf", device=ctx.device)
@@ -137,7 +156,6 @@ def _potion_plus(ctx: HealContext) -> HealResult:
     else:
         imp_f, imp_r, timings = _both_importances(ctx, "xlf")
     t_search = time.perf_counter()
-    repair, dropped = _repair_set(ctx, rule, targets) if cfg.repair_steps else ([], 0)
     delta = ctx.guard.max_damage
     state, first, ev0, rounds = ctx.state0, None, None, []
     for r in range(cfg.rounds):
@@ -169,11 +187,9 @@ def _potion_plus(ctx: HealContext) -> HealResult:
         if delta + chosen[3] <= 0:  # δ spent
             break
     timings["search_s"] = time.perf_counter() - t_search
-    info = {"estimator": "xlf", "lam": 1.0, "ptn": dataclasses.asdict(ctx.ptn),
+    info = {"estimator": "xlf", "step": "dampening", "lam": 1.0, "ptn": dataclasses.asdict(ctx.ptn),
             "retain_sample": retain_sample_record(ctx, imp_r), **first.to_dict(),
-            "plus": {**dataclasses.asdict(cfg), "expansion": expansion, "n_forget_grown": n_forget,
-                     "repair_dropped": dropped, "repair_images": sum(len(y) for _, y in repair),
-                     "rounds": rounds}}
+            "plus": {**plus_info, "rounds": rounds}}
     return HealResult("potion_plus", {n: t.detach().clone() for n, t in state.items()}, info, timings)
 
 
@@ -200,3 +216,52 @@ def _round(ctx: HealContext, ev0: StepEvaluator, ev: StepEvaluator, res, repair:
                                         check_every=cfg.repair_check, device=ctx.device)
             options.append(measured(name, fixed, {"repair": {"k": k, **rec.to_dict()}}))
     return _pick(options, ctx.ptn.rho * acc0, delta, cfg.repair_tolerance)
+
+
+def _holdout(forget: Sequence, share: float, seed: int) -> tuple[Tensor, Tensor, Batches]:
+    """Sf's rows split at random: (x, y) to update on, and the held-out rows as batches."""
+    x = torch.cat([b[0] for b in forget])
+    y = torch.cat([b[1] for b in forget])
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed)).to(y.device)
+    n_out = max(1, round(share * len(y)))
+    out, keep = perm[:n_out], perm[n_out:]
+    size = max(len(b[1]) for b in forget)
+    return x[keep], y[keep], [(x[out][i:i + size], y[out][i:i + size]) for i in range(0, n_out, size)]
+
+
+def _neggrad(ctx: HealContext, forget: Sequence, n_forget: int, repair: Batches) -> tuple[dict | None, dict]:
+    """NegGrad+ from θ0, measured every few updates: its best check within δ (the lowest
+    held-out accuracy, then the lowest on all of Sf, then the least damage) if that crosses
+    ρ · the held-out part's accuracy at θ0, else None; and the record of every check."""
+    cfg, delta = ctx.plus, ctx.guard.max_damage
+    fx, fy, held = _holdout(forget, cfg.neggrad_holdout, seed=0)
+    ev = StepEvaluator(ctx.model, ctx.state0, None, None, forget, n_forget, ctx.n_total, ctx.ptn,
+                       device=ctx.device, fast=ctx.fast_eval, proxy_batches=ctx.proxy_batches)
+    base, acc0 = ev.proxy_base, float(ev.acc0)  # both at θ0, before any update
+    ctx.model.load_state_dict(ctx.state0)
+    ctx.model.eval()
+    held0 = batches_accuracy(ctx.model, held, ctx.device, ctx.fast_eval)
+    threshold = ctx.ptn.rho * held0
+    record: dict[str, Any] = {"acc0": acc0, "held_out": sum(len(y) for _, y in held), "acc0_held_out": held0,
+                              "threshold": threshold, "checks": [], "picked": None}
+    best: tuple[tuple[float, float, float], dict] | None = None
+    for step in neggrad_steps(ctx.model, repair, fx, fy, steps=cfg.neggrad_steps, lr=cfg.neggrad_lr,
+                              ascent=cfg.neggrad_ascent, cap=cfg.neggrad_cap, forget_batch=cfg.neggrad_forget_batch,
+                              check_every=cfg.neggrad_check, device=ctx.device):
+        now = {n: t.detach().clone() for n, t in ctx.model.state_dict().items()}
+        r = ev.evaluate_state(now, step)
+        check = {"step": step, "acc_held_out": batches_accuracy(ctx.model, held, ctx.device, ctx.fast_eval),
+                 "acc_forget": r.acc_forget, "damage": proxy_damage(r, base, acc0, 0.0)}
+        record["checks"].append(check)
+        if check["damage"] < -delta:
+            continue
+        key = (check["acc_held_out"], check["acc_forget"], -check["damage"])
+        if best is None or key < best[0]:
+            best = (key, now)
+            record["picked"] = step
+    if best is None or best[0][0] > threshold:
+        record["reason"] = ("no check within δ" if best is None else
+                            f"held-out accuracy {best[0][0]:.4f} above ρ · {held0:.4f} at its best check within δ")
+        return None, record
+    record["reason"] = "crossed within δ"
+    return best[1], record

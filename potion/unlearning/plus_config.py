@@ -1,7 +1,7 @@
 """The switches of ``potion_plus`` (potion.unlearning.plus), one per ingredient, for ablation.
 
-All of them off (``expand=False, rounds=1, repair_steps=0, shuffle_retain=False``) is
-``xlf_ptn_guard`` exactly.
+All of them off (``expand=False, neggrad_steps=0, rounds=1, repair_steps=0,
+shuffle_retain=False``) is ``xlf_ptn_guard`` exactly.
 """
 from __future__ import annotations
 
@@ -17,6 +17,20 @@ class PlusConfig:
     expand: bool = True
     # the posterior odds a grown-in image needs (potion.unlearning.expansion)
     expand_precision: float = 0.999
+    # NegGrad+ on the grown Sf before any dampening (potion.unlearning.neggrad); 0 = off. Its
+    # best check within δ is kept when it heals the held-out part of Sf; otherwise the heal
+    # goes on to dampening as without it
+    neggrad_steps: int = 100
+    neggrad_lr: float = 0.01
+    neggrad_ascent: float = 0.5  # weight of Sf's loss, ascended
+    neggrad_cap: float = 5.0  # Sf's loss stops pulling past this
+    neggrad_forget_batch: int = 32  # rows of Sf beside each repair batch (one forward)
+    neggrad_check: int = 10  # updates between two measurements (held-out Sf and the proxy)
+    # share of Sf held out of the updates: its accuracy tells forgetting the trigger from
+    # forgetting the samples
+    neggrad_holdout: float = 0.2
+    # below this many samples in Sf (grown) the step is skipped: too few to hold any out
+    neggrad_min_forget: int = 20
     # dampening rounds: each one recomputes I_f on Sf at the last round's θ and searches again
     # within what is left of δ; the guard ends them
     rounds: int = 2
@@ -33,17 +47,28 @@ class PlusConfig:
     shuffle_retain: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("rounds", "repair_steps", "repair_batch_size", "repair_size", "repair_check"):
+        for name in ("rounds", "repair_steps", "repair_batch_size", "repair_size", "repair_check", "neggrad_steps",
+                     "neggrad_forget_batch", "neggrad_check", "neggrad_min_forget"):
             v = getattr(self, name)
-            lo = 1 if name in ("rounds", "repair_batch_size", "repair_size", "repair_check") else 0
+            lo = 0 if name in ("repair_steps", "neggrad_steps") else 1
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise PotionError(f"plus.{name} must be an integer >= {lo}, got {v!r}")
         if not (0.5 <= self.expand_precision < 1):
             raise PotionError(f"plus.expand_precision must lie in [0.5, 1), got {self.expand_precision}")
-        if not (math.isfinite(self.repair_lr) and self.repair_lr > 0):
-            raise PotionError(f"plus.repair_lr must be a number > 0, got {self.repair_lr}")
+        for name in ("repair_lr", "neggrad_lr", "neggrad_ascent", "neggrad_cap"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+                raise PotionError(f"plus.{name} must be a number > 0, got {v!r}")
+        if not (0 < self.neggrad_holdout < 1):
+            raise PotionError(f"plus.neggrad_holdout must lie in (0, 1), got {self.neggrad_holdout}")
         if not (0 <= self.repair_tolerance <= 1):
             raise PotionError(f"plus.repair_tolerance must lie in [0, 1], got {self.repair_tolerance}")
 
+    @property
+    def clean_steps(self) -> bool:
+        """Whether a step trains on clean retain images (the repair or NegGrad+)."""
+        return bool(self.repair_steps or self.neggrad_steps)
+
     def all_off(self) -> bool:
-        return not self.expand and self.rounds == 1 and self.repair_steps == 0 and not self.shuffle_retain
+        return (not self.expand and not self.neggrad_steps and self.rounds == 1 and self.repair_steps == 0
+                and not self.shuffle_retain)
