@@ -36,8 +36,8 @@ def neggrad_steps(
     seed: int = 0,
     device: str | torch.device = "cpu",
 ) -> Iterator[int]:
-    """``steps`` SGD updates (the rate ``lr`` decaying to 0 along a cosine) of ``loss(retain batch) − ascent · mean(min(loss(forget row), cap))``
-    from the model's current weights, cycling ``retain_batches`` and drawing ``forget_batch``
+    """``steps`` SGD updates (the rate ``lr`` decaying to 0 along a cosine) of
+    ``loss(retain batch) − ascent · mean(min(loss(forget row), cap))`` from the model's current weights, cycling ``retain_batches`` and drawing ``forget_batch``
     rows of Sf per update (seeded).
 
     Yields the number of updates done every ``check_every`` updates and after the last, with
@@ -57,11 +57,11 @@ def neggrad_steps(
     # and −2.4 points from one check to the next on the MNIST ResNet-9, healed all along
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     size = min(forget_batch, len(fy))
+    ce = nn.functional.cross_entropy
     for step in range(1, steps + 1):
         model.train()
         x, y = batches[(step - 1) % len(batches)]
         pick = torch.randperm(len(fy), generator=gen)[:size].to(fx.device)
-        ce = nn.functional.cross_entropy
         # one forward for both: batch norm's statistics from Sf alone (a batch of triggered
         # images) moved the running statistics off the clean data; on the CIFAR sine model
         # the separate forward healed 86 % with ASR 0.07, the joint one ASR 0.007 (negrad_probe)

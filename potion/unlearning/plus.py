@@ -223,10 +223,10 @@ def _holdout(forget: Sequence, share: float, seed: int) -> tuple[Tensor, Tensor,
     x = torch.cat([b[0] for b in forget])
     y = torch.cat([b[1] for b in forget])
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed)).to(y.device)
-    n_out = max(1, round(share * len(y)))
-    out, keep = perm[:n_out], perm[n_out:]
-    size = max(len(b[1]) for b in forget)
-    return x[keep], y[keep], [(x[out][i:i + size], y[out][i:i + size]) for i in range(0, n_out, size)]
+    out = torch.zeros(len(y), dtype=torch.bool, device=y.device)
+    out[perm[:max(1, round(share * len(y)))]] = True
+    keep = perm[~out[perm]]
+    return x[keep], y[keep], _rows(forget, out, max(len(b[1]) for b in forget))
 
 
 def _neggrad(ctx: HealContext, forget: Sequence, n_forget: int, repair: Batches) -> tuple[dict | None, dict]:
@@ -248,8 +248,8 @@ def _neggrad(ctx: HealContext, forget: Sequence, n_forget: int, repair: Batches)
     for step in neggrad_steps(ctx.model, repair, fx, fy, steps=cfg.neggrad_steps, lr=cfg.neggrad_lr,
                               ascent=cfg.neggrad_ascent, cap=cfg.neggrad_cap, forget_batch=cfg.neggrad_forget_batch,
                               check_every=cfg.neggrad_check, device=ctx.device):
-        now = {n: t.detach().clone() for n, t in ctx.model.state_dict().items()}
-        r = ev.evaluate_state(now, step)
+        # measured in place; the weights are copied only when the check is the best so far
+        r = ev.evaluate_state(ctx.model.state_dict(), step)
         check = {"step": step, "acc_held_out": batches_accuracy(ctx.model, held, ctx.device, ctx.fast_eval),
                  "acc_forget": r.acc_forget, "damage": proxy_damage(r, base, acc0, 0.0)}
         record["checks"].append(check)
@@ -257,7 +257,7 @@ def _neggrad(ctx: HealContext, forget: Sequence, n_forget: int, repair: Batches)
             continue
         key = (check["acc_held_out"], check["acc_forget"], -check["damage"])
         if best is None or key < best[0]:
-            best = (key, now)
+            best = (key, {n: t.detach().clone() for n, t in ctx.model.state_dict().items()})
             record["picked"] = step
     if best is None or best[0][0] > threshold:
         record["reason"] = ("no check within δ" if best is None else
