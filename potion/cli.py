@@ -276,9 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("method")
     g.add_argument("--method", help="xlf_ptn_guard (default: importance dampening, searched, with a damage guard), "
                    "xlf_ptn (the paper's method, no guard), potion_plus (the deletion set grown, then "
-                   "a guarded NegGrad+ step, else the guard with more rounds and a guarded repair; switches --set "
-                   "plus.expand=false, plus.neggrad_steps=0, plus.rounds=1, plus.repair_steps=0, "
-                   "plus.shuffle_retain=false), lf_ptn, ssd_ptn, ssd, ssd_grid, eu, none; baselines "
+                   "a guarded NegGrad+ step, else the guard on the grown set; --set plus.expand=false "
+                   "--set plus.neggrad_steps=0 make it xlf_ptn_guard; plus.rounds=N, plus.repair_steps=N, "
+                   "plus.shuffle_retain=true add ingredients), lf_ptn, ssd_ptn, ssd, ssd_grid, eu, none; baselines "
                    "task_vector (CUTS-style task-vector negation), finetune (SGD on the retain set alone)")
     g.add_argument("--batch-size", type=int, help="images per importance batch (default: chosen from the size "
                    "of the retain set; an explicit value wins)")

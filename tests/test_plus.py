@@ -159,16 +159,18 @@ def test_neggrad_forgets_the_backdoor_and_hands_back_the_model_at_every_check():
 
 
 def test_neggrad_is_kept_only_within_the_guards_delta():
-    """On the toy MLP NegGrad+ heals, but every check costs the proxy 2-6 points: within
-    δ = 1 the heal goes on to dampening; with δ = 10 the NegGrad+ model is returned."""
+    """On the toy MLP a strong NegGrad+ (rate 0.01, ascent 0.5) heals, but every check costs
+    the proxy 2-6 points: within δ = 1 the heal goes on to dampening; with δ = 10 the NegGrad+
+    model is returned."""
     case = toy_case()
     m = case["model"]
     _, asr0 = scores(m, case["theta0"], case["test"])
-    tight = heal("potion_plus", case["ctx"](PlusConfig()))
+    strong = PlusConfig(neggrad_lr=0.01, neggrad_ascent=0.5, neggrad_min_forget=20)
+    tight = heal("potion_plus", case["ctx"](strong))
     ng = tight.info["plus"]["neggrad"]
     assert tight.info["step"] == "dampening" and ng["picked"] is None
     assert ng["checks"] and all(c["damage"] < -1.0 for c in ng["checks"])
-    loose = heal("potion_plus", case["ctx"](PlusConfig(), guard=GuardConfig(max_damage=10.0)))
+    loose = heal("potion_plus", case["ctx"](strong, guard=GuardConfig(max_damage=10.0)))
     ng = loose.info["plus"]["neggrad"]
     assert loose.info["step"] == "neggrad" and ng["picked"] is not None
     picked = next(c for c in ng["checks"] if c["step"] == ng["picked"])
@@ -244,3 +246,15 @@ def test_the_pick_prefers_crossing_then_the_least_damage_near_the_lowest_a_k():
     assert _pick([guard, repaired, opt("paper+repair", 0.1, -1.5)], 0.2, 1.0, 0.02)[0] == "guard+repair"
     assert _pick([guard, opt("guard+repair", 0.40, -0.1)], 0.2, 1.0, 0.02)[0] == "guard"  # a repair that undid the heal
     assert _pick([opt("guard", 0.3, -1.2)], 0.2, 1.0, 0.02) is None
+
+
+def test_neggrad_not_kept_leaves_the_guards_heal_exactly():
+    """When NegGrad+ is not kept and nothing was grown, what follows is the guard's own heal,
+    measured at θ0 (its importances were once taken at NegGrad+'s last weights)."""
+    case = toy_case()
+    strong = PlusConfig(expand=False, neggrad_lr=0.05, neggrad_ascent=2.0, neggrad_min_forget=5)
+    plus = heal("potion_plus", case["ctx"](strong))
+    assert plus.info["step"] == "dampening" and plus.info["plus"]["neggrad"]["checks"]
+    guard = heal("xlf_ptn_guard", case["ctx"](ALL_OFF))
+    assert plus.info["k_star"] == guard.info["k_star"]
+    assert all(torch.equal(plus.state_dict[k], guard.state_dict[k]) for k in guard.state_dict)

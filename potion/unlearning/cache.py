@@ -38,7 +38,9 @@ from potion.io import atomic_write
 Tensor = torch.Tensor
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = "potion-importances-v2"
+# v3: potion_plus (commit 8c39004 to cb3cec6) could store importances taken at NegGrad+'s weights
+# under θ0's key; v2 entries are not trusted
+CACHE_FORMAT = "potion-importances-v3"
 _KEY = re.compile(r"^[0-9a-f]{64}$")
 SECRET_ENV = "POTION_CACHE_SECRET"
 

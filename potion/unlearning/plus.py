@@ -1,5 +1,6 @@
 """``potion_plus``: the damage guard's heal (``xlf_ptn_guard``) with more of the poison found,
-a guarded NegGrad+ step, more than one dampening round and a guarded repair (beyond the paper; docs/method.md).
+a guarded NegGrad+ step, and, as switches off by default, more dampening rounds and a guarded
+repair (beyond the paper; docs/method.md).
 
 1. Grow Sf (:mod:`potion.unlearning.expansion`) with the target-labelled retain images that
    θ0's features place with the found poison; I_f is then measured on the grown set.
@@ -9,7 +10,8 @@ a guarded NegGrad+ step, more than one dampening round and a guarded repair (bey
    the lowest on all of Sf, then the least damage) is kept when it crosses ρ · (its accuracy
    at θ0), and the heal ends there, with no importance pass at all. Otherwise the heal goes
    on as without it:
-3. Round 1 is the guard's search on the grown Sf. Each further round recomputes I_f at the
+3. Round 1 is the guard's search on the grown Sf (by default the only one: further rounds and
+   the repair healed no more, benchmarks/results/heal_more.md). Each further round recomputes I_f at the
    last round's θ and searches again within what is left of δ (I_r stays θ0's: recomputing
    it is the cost of a whole retain pass). A round the guard refuses ends them.
 4. After each round, a repair (:mod:`potion.unlearning.repair`) of the guard's step and of the
@@ -124,7 +126,7 @@ def _pick(options: list[tuple[str, dict, StepResult, float]], threshold: float, 
 
 @METHODS.register("potion_plus")
 def _potion_plus(ctx: HealContext) -> HealResult:
-    """XLF + PTN + the damage guard, with Sf grown, several rounds and a guarded repair."""
+    """XLF + PTN + the damage guard, with Sf grown and a guarded NegGrad+ step first."""
     if ctx.proxy_batches is None:
         raise PotionError("method 'potion_plus' needs a clean proxy (proxy_batches: a slice of the retain set)")
     cfg = ctx.plus
@@ -259,6 +261,8 @@ def _neggrad(ctx: HealContext, forget: Sequence, n_forget: int, repair: Batches)
         if best is None or key < best[0]:
             best = (key, {n: t.detach().clone() for n, t in ctx.model.state_dict().items()})
             record["picked"] = step
+    # θ0 again for what follows: the dampening path measures its importances on ctx.model
+    ctx.model.load_state_dict(ctx.state0)
     if best is None or best[0][0] > threshold:
         record["reason"] = ("no check within δ" if best is None else
                             f"held-out accuracy {best[0][0]:.4f} above ρ · {held0:.4f} at its best check within δ")
