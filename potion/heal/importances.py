@@ -61,8 +61,6 @@ def make_importance_fn(inputs: HealInputs, job: HealJob, state0: dict, deletion:
                 return SampledImportances(tensors, (info or {}).get("retain_sample")) if sampled else tensors
         record = None
         label = importance_label(estimator, which)
-        # the key is θ0's, so the pass must be too, whatever a method left in the model
-        inputs.model.load_state_dict(state0)
         if sampled:
             if ray_pass is not None:
                 def sum_range(pos):

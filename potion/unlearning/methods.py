@@ -116,6 +116,9 @@ def _sampled_retain(ctx: HealContext, estimator: str, reference: Mapping[str, Te
 def _importances(ctx: HealContext, estimator: str, which: Which,
                  reference: Mapping[str, Tensor] | None = None) -> tuple[Mapping[str, Tensor], float]:
     batches_fn: Callable[[], Iterable] = (lambda: ctx.forget_batches) if which == "forget" else ctx.retain_batches
+    # θ0's importances (the cache keys them by θ0), whatever an earlier step left in the
+    # model: potion_plus runs NegGrad+ before it falls back to dampening
+    ctx.model.load_state_dict(ctx.state0)
     t0 = time.perf_counter()
     sampled = which == "retain" and not ctx.retain_sample.is_full
     if ctx.importances is not None and sampled:

@@ -261,8 +261,6 @@ def _neggrad(ctx: HealContext, forget: Sequence, n_forget: int, repair: Batches)
         if best is None or key < best[0]:
             best = (key, {n: t.detach().clone() for n, t in ctx.model.state_dict().items()})
             record["picked"] = step
-    # θ0 again for what follows: the dampening path measures its importances on ctx.model
-    ctx.model.load_state_dict(ctx.state0)
     if best is None or best[0][0] > threshold:
         record["reason"] = ("no check within δ" if best is None else
                             f"held-out accuracy {best[0][0]:.4f} above ρ · {held0:.4f} at its best check within δ")
