@@ -177,8 +177,10 @@ def test_neggrad_is_kept_only_within_the_guards_delta():
     assert picked["damage"] >= -10.0 and picked["acc_held_out"] <= ng["threshold"]
     _, asr = scores(m, loose.state_dict, case["test"])
     assert asr < 0.5 * asr0, (asr0, asr)
-    # the kept check heals its held-out share of Sf best; no other check within δ does better
-    assert all(c["acc_held_out"] >= picked["acc_held_out"] for c in ng["checks"] if c["damage"] >= -10.0)
+    # the kept check is the latest that qualifies (within δ, held-out share crossed): the
+    # rate has decayed furthest there
+    qualifying = [c["step"] for c in ng["checks"] if c["damage"] >= -10.0 and c["acc_held_out"] <= ng["threshold"]]
+    assert ng["picked"] == max(qualifying)
 
 
 def test_plus_config_rejects_bad_values():
