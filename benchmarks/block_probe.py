@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from potion.heal.inputs import RunSource
-from potion.unlearning.block_scan import block_features, scan_blocks
+from potion.unlearning.block_scan import BlockRule, block_features, scan_blocks
 
 
 def _auc(score: np.ndarray, truth: np.ndarray) -> float:
@@ -66,9 +66,7 @@ def main(argv=None) -> None:
         if label != "clean":
             aucs = []
             for name, f in cf.items():
-                centre = f.mean(0)
-                d = torch.nn.functional.normalize(torch.nn.functional.normalize(af[name] - centre, dim=1).mean(0), dim=0)
-                s = (torch.nn.functional.normalize(f - centre, dim=1) @ d).numpy()
+                s = BlockRule.towards(name, f, af[name]).scores(f).numpy()
                 aucs.append(f"{name} {_auc(s, truth):.3f}")
             print(f"{label}: AUC " + ", ".join(aucs))
         if rule is None:

@@ -27,6 +27,7 @@ itself) stands apart by 16–68 σ. The gates were set on those models (see ``MI
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -103,6 +104,13 @@ class BlockRule:
     threshold: float
     gap: float
 
+    @classmethod
+    def towards(cls, layer: str, candidates: Tensor, anchor: Tensor) -> "BlockRule":
+        """The unthresholded rule of a block: centred on the candidates, towards Sf's mean."""
+        unit = nn.functional.normalize
+        centre = candidates.mean(0)
+        return cls(layer, centre, unit(unit(anchor - centre, dim=1).mean(0), dim=0), float("inf"), 0.0)
+
     def scores(self, features: Tensor) -> Tensor:
         return nn.functional.normalize(features.float() - self.centre, dim=1) @ self.direction
 
@@ -132,10 +140,7 @@ def _threshold(cand: Tensor, null: Tensor, precision: float) -> float | None:
 
 
 def _fit(cand: Tensor, anchor: Tensor, null: Tensor, precision: float, name: str) -> tuple[BlockRule | None, dict]:
-    unit = nn.functional.normalize
-    centre = cand.mean(0)
-    direction = unit(unit(anchor - centre, dim=1).mean(0), dim=0)
-    rule = BlockRule(name, centre, direction, float("inf"), 0.0)
+    rule = BlockRule.towards(name, cand, anchor)
     sc, sn = rule.scores(cand), rule.scores(null)
     q = torch.tensor([0.25, 0.5, 0.75])
     record: dict[str, Any] = {"layer": name, "bounded": bool((torch.quantile(sn, q) > torch.quantile(sc, q)).all())}
@@ -150,7 +155,7 @@ def _fit(cand: Tensor, anchor: Tensor, null: Tensor, precision: float, name: str
     spread = max(float((rest - med).abs().median()) * 1.4826, 1e-6)
     gap = float(sc[flagged].min() - med) / spread
     record.update(flagged=int(flagged.sum()), gap=round(gap, 3))
-    return BlockRule(name, centre, direction, t, gap), record
+    return dataclasses.replace(rule, threshold=t, gap=gap), record
 
 
 def scan_blocks(candidates: dict[str, Tensor], anchor: dict[str, Tensor], null: dict[str, Tensor],

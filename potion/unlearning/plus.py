@@ -114,6 +114,17 @@ def grow_mask(model: torch.nn.Module, forget_batches: Sequence, suspect_batches:
     return rules, mask
 
 
+def _labelled(batches: Sequence, targets: Tensor, inside: bool = True) -> Batches:
+    """The rows of ``batches`` whose label is (``inside``) or is not one of ``targets``, per
+    batch; batches left empty are dropped."""
+    out = []
+    for x, y in batches:
+        t = torch.isin(y.cpu(), targets) == inside
+        if t.any():
+            out.append((x[t.to(x.device)], y[t.to(y.device)]))
+    return out
+
+
 def _targets(ctx: HealContext) -> Tensor:
     """The labels of Sf: the poison's target labels."""
     return torch.unique(torch.cat([y.reshape(-1).cpu() for _, y in ctx.forget_batches]))
@@ -128,9 +139,7 @@ def _expansion(ctx: HealContext) -> tuple[PoisonRules | None, Tensor | None, dic
     ctx.model.load_state_dict(ctx.state0)
     null = None
     if cfg.expand_blocks and ctx.proxy_batches:
-        targets = _targets(ctx)
-        null = [(x[~t.to(x.device)], y[~t.to(y.device)]) for x, y in ctx.proxy_batches
-                for t in [torch.isin(y.cpu(), targets)]]
+        null = _labelled(ctx.proxy_batches, _targets(ctx), inside=False)
     rules, mask = grow_mask(ctx.model, ctx.forget_batches, ctx.suspect_batches, cfg.expand_precision, ctx.device,
                             null_batches=null, block_precision=cfg.expand_blocks_precision)
     found = torch.nonzero(mask).flatten().tolist()
@@ -148,11 +157,9 @@ def _repair_set(ctx: HealContext, rules: PoisonRules | None, targets: Tensor) ->
         return batches, 0
     ctx.model.load_state_dict(ctx.state0)
     ctx.model.eval()
-    is_t = torch.cat([torch.isin(y.cpu(), targets) for _, y in batches])
+    is_t = torch.isin(torch.cat([y.cpu() for _, y in batches]), targets)
     drop = torch.zeros(len(is_t), dtype=torch.bool)
-    picked = [(x[t.to(x.device)], y[t.to(y.device)]) for (x, y), t in
-              ((b, torch.isin(b[1].cpu(), targets)) for b in batches) if t.any()]
-    drop[is_t] = rules.flag(ctx.model, picked, ctx.device)
+    drop[is_t] = rules.flag(ctx.model, _labelled(batches, targets), ctx.device)
     size = max(len(y) for _, y in batches)
     return _rows(batches, (~drop).to(batches[0][0].device), size), int(drop.sum())
 

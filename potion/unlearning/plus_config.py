@@ -23,7 +23,7 @@ class PlusConfig:
     # the precision the block rule's threshold aims at, estimated against other-label images
     expand_blocks_precision: float = 0.95
     # NegGrad+ on the grown Sf before any dampening (potion.unlearning.neggrad); 0 = off. Its
-    # best check within δ is kept when it heals the held-out part of Sf; otherwise the heal
+    # latest check within δ that heals the held-out part of Sf is kept; otherwise the heal
     # goes on to dampening as without it
     neggrad_steps: int = 100
     neggrad_lr: float = 0.003
