@@ -71,6 +71,31 @@ def slowed_trial(inner, started: Path, victim: str | None, pause: float = 2.0):
     return trial
 
 
+def test_the_payload_stays_on_the_drivers_node_while_every_cpu_is_busy(cluster):
+    """The search payload's owner must live where the driver does: on any other node, losing
+    that node fails every trial. A soft affinity put it elsewhere 8 times in 12 here."""
+    import ray
+
+    from potion.distributed import runtime as ray_runtime
+    from potion.distributed.search import _own_payload
+
+    c, _ = cluster
+    ray_runtime.connect(c.address)
+    here = ray.get_runtime_context().get_node_id()
+
+    @ray.remote(num_cpus=1)
+    def busy():
+        time.sleep(2)
+
+    for _ in range(4):
+        hold = [busy.remote() for _ in range(3)]  # every CPU taken, as while the trials run
+        owner = _own_payload({"state": b"x" * 1_000_000})  # large enough for the object store
+        ref = ray.get(owner.box.remote())[0]
+        assert ray.experimental.get_object_locations([ref])[ref]["node_ids"] == [here]
+        ray.kill(owner)
+        ray.get(hold)
+
+
 def test_a_heal_on_three_nodes_spreads_the_work_and_survives_losing_one(cluster, run_dir, tmp_path):
     from ray import cloudpickle
 

@@ -237,7 +237,9 @@ def _own_payload(payload: SearchPayload):
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    # Hard affinity: a soft one spills the actor to another node while every CPU is busy
+    # (8 of 12 times on a 3-node test cluster), and losing that node then fails every trial.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     return _payload_owner_class().options(scheduling_strategy=here).remote(payload)
 
 
