@@ -85,8 +85,18 @@ def heal_model(
         retain_batches=lambda: retain_batches, forget_batches=forget_batches,
         n_forget=n_forget, n_total=n_forget + n_retain, ptn=cfg, device=device, progress=progress,
         retain_total=len(retain_batches),
-        proxy_batches=_proxy(retain_batches, n_retain, batch_size) if method in GUARDED else None,
     )
+    if method in GUARDED:
+        # potion_plus on a small retain set leaves half for NegGrad+ (as `potion heal`)
+        proxy = _proxy_mask(n_retain, min(2000, max(1, n_retain // 2)) if method == "potion_plus" else 2000)
+        ctx.proxy_batches = _rows(retain_batches, proxy, batch_size)
+    if method == "potion_plus":  # as `potion heal` hands them over (potion.heal.run.select_sets)
+        targets = torch.unique(torch.cat([torch.as_tensor(b[1]).reshape(-1) for b in forget_batches]))
+        labels = torch.cat([torch.as_tensor(b[1]).reshape(-1) for b in retain_batches])
+        ctx.suspect_batches = _rows(retain_batches, torch.isin(labels, targets).numpy(), batch_size)
+        repair = _rows(retain_batches, _repair_mask(proxy, ctx.plus.repair_size), ctx.plus.repair_batch_size,
+                       shuffle=True)
+        ctx.repair_batches = lambda: iter(repair)
     t0 = time.perf_counter()
     owned_ray = False
     if backend == "ray":
@@ -115,18 +125,35 @@ def heal_model(
     return Healed(model, result.state_dict, report)
 
 
-def _proxy(retain_batches, n_retain: int, batch_size: int, size: int = 2000, seed: int = 0) -> list:
+def _proxy_mask(n_retain: int, size: int = 2000, seed: int = 0) -> np.ndarray:
     """The damage guard's clean proxy: a seeded slice of the retain samples (as `potion heal`)."""
     keep = np.zeros(n_retain, dtype=bool)
     keep[np.random.default_rng([seed, 0x9A0]).choice(n_retain, size=min(size, n_retain), replace=False)] = True
+    return keep
+
+
+def _repair_mask(proxy: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
+    """potion_plus's clean images for NegGrad+: a seeded slice of the retain samples outside the proxy."""
+    pool = np.flatnonzero(~proxy)
+    keep = np.zeros(len(proxy), dtype=bool)
+    keep[np.random.default_rng([seed, 0x3E9A1]).choice(pool, size=min(size, len(pool)), replace=False)] = True
+    return keep
+
+
+def _rows(batches, keep: np.ndarray, batch_size: int, shuffle: bool = False, seed: int = 0) -> list:
+    """The kept rows of ``batches`` (``keep`` over all their rows, in order), re-cut every
+    ``batch_size``; ``shuffle``: in a seeded random order."""
     xs, ys, at = [], [], 0
-    for b in retain_batches:
+    for b in batches:
         x, y = b[0], b[1]
         sel = torch.from_numpy(keep[at:at + len(y)])
         xs.append(x[sel])
         ys.append(y[sel])
         at += len(y)
     x, y = torch.cat(xs), torch.cat(ys)
+    if shuffle:
+        order = torch.from_numpy(np.random.default_rng(seed).permutation(len(y)))
+        x, y = x[order], y[order]
     return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(y), batch_size)]
 
 

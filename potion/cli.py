@@ -274,11 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: read them from the run's metrics.json)")
     _add_owner_flags(p)
     g = p.add_argument_group("method")
-    g.add_argument("--method", help="xlf_ptn_guard (default: importance dampening, searched, with a damage guard), "
-                   "xlf_ptn (the paper's method, no guard), potion_plus (the deletion set grown, then "
-                   "a guarded NegGrad+ step, else the guard on the grown set; --set plus.expand=false "
-                   "--set plus.neggrad_steps=0 make it xlf_ptn_guard; plus.rounds=N, plus.repair_steps=N, "
-                   "plus.shuffle_retain=true add ingredients), lf_ptn, ssd_ptn, ssd, ssd_grid, eu, none; baselines "
+    g.add_argument("--method", help="potion_plus (default: the deletion set grown, then a NegGrad+ step kept "
+                   "only within the damage guard's bound, else the guarded dampening on the grown set; --set "
+                   "plus.expand=false --set plus.neggrad_steps=0 make it xlf_ptn_guard; plus.rounds=N, "
+                   "plus.repair_steps=N, plus.shuffle_retain=true add ingredients), xlf_ptn_guard (importance "
+                   "dampening, searched, with a damage guard), xlf_ptn (the paper's method, no guard), "
+                   "lf_ptn, ssd_ptn, ssd, ssd_grid, eu, none; baselines "
                    "task_vector (CUTS-style task-vector negation), finetune (SGD on the retain set alone)")
     g.add_argument("--batch-size", type=int, help="images per importance batch (default: chosen from the size "
                    "of the retain set; an explicit value wins)")
@@ -298,10 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--strategy", choices=["linear", "waves", "bisect", "bracket"],
                    help="order of the search steps: linear (default: every step in turn, as the paper), bracket "
                         "(gallop, then scan up from the last gallop step that did not cross), waves, bisect "
-                        "(assumes the accuracy falls with every step); xlf_ptn_guard always scans")
+                        "(assumes the accuracy falls with every step); the guarded methods always scan")
     g.add_argument("--val-size", type=int, help="clean test images measured at every step, for the trade-off "
                    "plot (default 0)")
-    g = p.add_argument_group("damage guard (xlf_ptn_guard)")
+    g = p.add_argument_group("damage guard (potion_plus, xlf_ptn_guard)")
     g.add_argument("--max-damage", type=float, help="largest accuracy loss, in points, the healed model may show "
                    "on clean training images set aside (δ; default 1.0)")
     g.add_argument("--proxy-size", type=int, help="clean training images the guard measures the loss on "

@@ -20,7 +20,12 @@ def test_readme_heal_model_example_runs_and_heals(tmp_path, monkeypatch):
     ns: dict = {"__name__": "__main__"}
     exec(compile(readme_python_example(), "README.md", "exec"), ns)
     report = ns["result"].report
-    # the guarded default: the chosen step is one the scan measured, and the report says why
+    # the default, potion_plus, given the same sets as `potion heal`: it grew the deletion set
+    # from the target-labelled retain samples and had clean samples for NegGrad+ (measured: 25
+    # found → 80, NegGrad+ not kept on this MLP, so the guard dampened: a measured step, and why)
+    plus = report["info"]["plus"]
+    assert report["method"] == "potion_plus" and plus["n_forget_grown"] > report["n_forget"]
+    assert plus["repair_images"] > 0 and plus["neggrad"]["checks"]
     assert isinstance(report["k_star"], int) and report["k_star"] in [t["k"] for t in report["trace"]]
     assert report["info"]["guard"]["reason"]
     assert ns["asr_before"] > 0.9 and ns["asr_after"] < 0.5 * ns["asr_before"]

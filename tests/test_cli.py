@@ -199,7 +199,8 @@ def test_python_dash_m_potion_is_the_same_command_line():
 
 def test_guard_refuses_where_the_papers_k_star_damages_unless_allowed(run_dir, tmp_path, capsys):
     """On this digits model the importance batch size 512 (one batch for all of Dr) makes the
-    paper's k* wreck the model; the guarded default writes no model, --allow-damage does."""
+    paper's k* wreck the model; xlf_ptn_guard writes no model, --allow-damage does, and the
+    default (potion_plus, the guard's bound on NegGrad+ and on its dampening) wrecks nothing."""
     common = ["--run", str(run_dir), "--discovery-share", "0.3", "--backend", "local", "--quiet",
               "--tracking-uri", "none", "--cache-dir", str(tmp_path / "cache"), "--batch-size", "512",
               "--step", "1.5", "--proxy-size", "300"]
@@ -213,8 +214,17 @@ def test_guard_refuses_where_the_papers_k_star_damages_unless_allowed(run_dir, t
     assert ib["label_runs"] > ib["n_retain"] // 2 and "note" not in ib  # digits are stored in mixed order
     assert "runs of one label" not in capsys.readouterr().err
 
+    default = tmp_path / "default"
+    rc_d = main(["heal", *common, "--out", str(default)])
+    if rc_d == 0:
+        rep_d = json.loads((default / "report.json").read_text())
+        assert rep_d["method"] == "potion_plus" and rep_d["after"]["model_damage"] > rep["after"]["model_damage"] + 3
+    else:
+        assert rc_d == 2 and not (default / "model.pt").exists()
+    capsys.readouterr()
+
     guarded = tmp_path / "guarded"
-    rc = main(["heal", *common, "--out", str(guarded)])
+    rc = main(["heal", *common, "--method", "xlf_ptn_guard", "--out", str(guarded)])
     healed_model = guarded / "model.pt"
     if rc == 2:  # no step heals within δ: said plainly, with the curve, and no model
         assert "NOT changed" in capsys.readouterr().err and not healed_model.exists()
@@ -227,7 +237,7 @@ def test_guard_refuses_where_the_papers_k_star_damages_unless_allowed(run_dir, t
         assert rep_g["after"]["model_damage"] > rep["after"]["model_damage"] + 3
 
     allowed = tmp_path / "allowed"
-    assert main(["heal", *common, "--allow-damage", "--out", str(allowed)]) == 0
+    assert main(["heal", *common, "--method", "xlf_ptn_guard", "--allow-damage", "--out", str(allowed)]) == 0
     rep_a = json.loads((allowed / "report.json").read_text())
     # the effect whatever the guarded run did: the paper's k* where the guard would not take
     # it (no step within δ, or only a partial heal), else the guard's own step
@@ -239,16 +249,24 @@ def test_guard_refuses_where_the_papers_k_star_damages_unless_allowed(run_dir, t
         assert rep_a["k_star"] == rep_g["k_star"] and rep_a["info"]["guard"]["status"] == status
 
 
-def test_guarded_default_with_the_automatic_batch_size(run_dir, tmp_path, capsys):
+@pytest.mark.parametrize("method", [None, "xlf_ptn_guard"])
+def test_the_guarded_methods_with_the_automatic_batch_size(method, run_dir, tmp_path, capsys):
+    """The default (potion_plus) and xlf_ptn_guard: the kept model is within δ on the proxy."""
     out = tmp_path / "default"
     rc = main(["heal", "--run", str(run_dir), "--discovery-share", "0.3", "--backend", "local", "--out", str(out),
-               "--quiet", "--tracking-uri", "none", "--cache-dir", "none"])
+               "--quiet", "--tracking-uri", "none", "--cache-dir", "none", *(["--method", method] if method else [])])
     assert rc == 0, capsys.readouterr().err
     rep = json.loads((out / "report.json").read_text())
-    assert rep["method"] == "xlf_ptn_guard" and rep["importance_batch_size"]["auto"] is True
-    g, proxy = rep["info"]["guard"], rep["proxy"]
-    assert proxy["size"] == g["proxy0"]["n"] + g["proxy0"]["n_excluded"] and proxy["seed"] == 0 and len(proxy["indices_sha256"]) == 64
-    assert g["damage"][str(rep["k_star"])] >= -g["max_damage"] and g["reason"]
+    assert rep["method"] == (method or "potion_plus") and rep["importance_batch_size"]["auto"] is True
+    proxy, info = rep["proxy"], rep["info"]
+    if info.get("step") == "neggrad":  # potion_plus kept its NegGrad+ step
+        ng = info["plus"]["neggrad"]
+        damage = next(c for c in ng["checks"] if c["step"] == ng["picked"])["damage"]
+    else:
+        g = info["guard"]
+        assert proxy["size"] == g["proxy0"]["n"] + g["proxy0"]["n_excluded"] and g["reason"]
+        damage = g["damage"][str(rep["k_star"])]
+    assert damage >= -1.0 and proxy["seed"] == 0 and len(proxy["indices_sha256"]) == 64
     assert rep["after"]["poison_healed"] > rep["before_poison_healed"] + 30  # it heals
     # the proxy is the seeded slice of Dr: no deletion-set index, and the test split is another source
     from potion.heal.sets import draw_proxy
@@ -256,5 +274,6 @@ def test_guarded_default_with_the_automatic_batch_size(run_dir, tmp_path, capsys
 
     deletion = pq.read_table(out / "deletion_set.parquet").column("index").to_numpy()
     n = rep["deletion_set"]["n_train"]
-    p = draw_proxy(np.setdiff1d(np.arange(n), deletion), 2000, 0)
+    retain = np.setdiff1d(np.arange(n), deletion)
+    p = draw_proxy(retain, 2000 if method else min(2000, len(retain) // 2), 0)  # potion_plus leaves half
     assert hash_arrays(p.astype(np.int64)) == proxy["indices_sha256"] and not np.isin(deletion, p).any()

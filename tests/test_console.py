@@ -17,12 +17,12 @@ def _heal_help() -> str:
 def test_heal_help_groups_its_flags_in_plain_words():
     text = _heal_help()
     heads = ["input: the model and the poison you found:", "method:", "search: how far to dampen (PTN):",
-             "damage guard (xlf_ptn_guard):", "Ray:", "output:"]
+             "damage guard (potion_plus, xlf_ptn_guard):", "Ray:", "output:"]
     at = [text.index("\n" + h + "\n") for h in heads]
     assert at == sorted(at)
     sections = dict(zip(heads, (text[a:b] for a, b in zip(at, at[1:] + [len(text)]))))
     assert "--rho" in sections["search: how far to dampen (PTN):"]
-    assert "--max-damage" in sections["damage guard (xlf_ptn_guard):"]
+    assert "--max-damage" in sections["damage guard (potion_plus, xlf_ptn_guard):"]
     assert "--address" in sections["Ray:"] and "--window" in sections["Ray:"]
     assert "--out" in sections["output:"] and "--tracking-uri" in sections["output:"]
     # the first words of a flag's help are plain; the paper's symbol comes after, in brackets

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from potion.cli import main
+from potion.runs.configs import HealJob
 
 
 @pytest.mark.slow
@@ -36,7 +37,11 @@ def test_demo_smoke_runs_end_to_end(tmp_path, capsys):
     assert "workflowType=machine_learning" in printed
 
     rep = json.loads((out / "heal" / "report.json").read_text())
-    assert rep["backend"] == "ray" and rep["method"] == "xlf_ptn_guard" and rep["k_star"] is not None
+    assert rep["backend"] == "ray" and rep["method"] == HealJob().method == "potion_plus"
+    assert "potion_plus: the deletion set" in printed  # what it did beyond the guard, in words
+    # Measured (`potion demo --smoke`): nothing grown in, and Sf's 9 samples are under NegGrad+'s
+    # 50, so the guard dampened, its search running as Ray Tune trials
+    assert rep["k_star"] is not None and rep["info"]["plus"]["neggrad_min_forget"] > rep["info"]["plus"]["n_forget_grown"]
     # It healed, if only a smoke run. Measured (`potion demo --smoke --out D`, then xlf_ptn at B = 16):
     # asr 0.812 → 0.145, poison healed 27.5 → 84.7, clean accuracy 0.9806 → 0.9806.
     assert rep["after"]["asr"] < rep["before"]["asr"] / 2, rep["after"]

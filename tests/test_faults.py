@@ -98,7 +98,7 @@ def test_a_signal_during_a_ray_heal_leaves_nothing(run_dir, tmp_path, phase, sig
     out = tmp_path / "healed"
     cmd = [sys.executable, "-c", DRIVER, phase, str(int(sig)), "heal", "--run", str(run_dir), "--discovery-share",
            "0.3", "--backend", "ray", "--num-cpus", "2", "--step", "1.5", "--window", "2", "--cache-dir", "none",
-           "--out", str(out), "--quiet"]
+           "--method", "xlf_ptn_guard", "--out", str(out), "--quiet"]  # a method with both phases
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 128 + int(sig), proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
@@ -299,7 +299,7 @@ def test_heal_output_is_staged_relocated_replaced_and_follows_the_umask(run_dir,
     # ... and a heal that fails leaves the previous results exactly as they were.
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     assert main(["heal", "--run", str(run_dir), "--discovery-count", "2", "--max-steps", "1", "--step", "1.01",
-                 "--cache-dir", "none", "--tracking-uri", "none", "--quiet", "--overwrite", "--out", str(out)]) == 2
+                 "--method", "xlf_ptn_guard", "--cache-dir", "none", "--tracking-uri", "none", "--quiet", "--overwrite", "--out", str(out)]) == 2
     assert "no step" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dl", "healed"]
@@ -426,7 +426,7 @@ def test_a_heal_whose_ray_node_dies_says_so_in_one_line_leaves_nothing_and_can_b
     flag, out = tmp_path / "flag", work / "healed"
     heal = ["heal", "--run", str(run_dir), "--discovery-share", "0.3", "--backend", "ray", "--num-cpus", "2",
             "--step", "1.5", "--window", "2", "--cache-dir", str(tmp_path / "cache"), "--tracking-uri", "none",
-            "--out", str(out), "--quiet"]
+            "--method", "xlf_ptn_guard", "--out", str(out), "--quiet"]  # its retain pass runs on the cluster
     proc = subprocess.Popen([sys.executable, "-c", NODE_DIES, str(flag), *heal], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 180
@@ -530,7 +530,11 @@ def test_a_benchmark_killed_with_sigkill_leaves_no_ray_processes_once_rerun(tmp_
     try:
         rerun = subprocess.run(cmd + ["--dry-run"], env=env, capture_output=True, text=True, timeout=120)
         assert rerun.returncode == 0
-        assert all(p.is_running() for p in survivors)  # a dry run starts and stops nothing
+        # a dry run starts and stops nothing: the record stays for the real rerun. (An orphaned
+        # Ray process may still exit on its own meanwhile, more so on a loaded machine: seen once.)
+        assert record.exists() and "stopped" not in rerun.stderr, rerun.stderr[-2000:]
+        survivors = [p for p in survivors if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert survivors
         rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert rerun.returncode == 0, rerun.stderr[-3000:]
         assert re.search(r"stopped \d+ Ray processes", rerun.stderr), rerun.stderr[-2000:]

@@ -46,7 +46,7 @@ def toy_case(seed=3, n_poison=40, found=10):
                     forget_batches=[(x[forget], y[forget])], n_forget=len(forget), n_total=len(x),
                     ptn=PTNConfig(step=1.5, max_steps=100), proxy_batches=[(x[proxy], y[proxy])],
                     suspect_batches=batches(x[suspects], y[suspects]),
-                    repair_batches=batches(x[repair], y[repair]), plus=plus, **kw),
+                    repair_batches=lambda: iter(batches(x[repair], y[repair])), plus=plus, **kw),
                 test=(xt, xt[:, :3].argmax(1), xtrig))
 
 
@@ -232,7 +232,7 @@ def test_the_pipeline_hands_over_the_target_labelled_retain_images_and_a_repair_
     assert np.array_equal(got, labels[sets.suspects])  # the images of those indices, in order
     poisoned = inputs.poisoned_mask
     assert poisoned[sets.suspects].sum() == poisoned.sum() - poisoned[sets.deletion].sum()  # every unfound one
-    n_repair = sum(len(y) for _, y in sets.repair_batches)
+    n_repair = sum(len(y) for _, y in sets.repair_batches())
     assert n_repair > 0 and n_repair + len(sets.proxy) <= len(sets.retain)
 
 
@@ -260,3 +260,39 @@ def test_neggrad_not_kept_leaves_the_guards_heal_exactly():
     guard = heal("xlf_ptn_guard", case["ctx"](ALL_OFF))
     assert plus.info["k_star"] == guard.info["k_star"]
     assert all(torch.equal(plus.state_dict[k], guard.state_dict[k]) for k in guard.state_dict)
+
+
+def test_the_repair_images_are_read_a_pass_at_a_time_with_the_flagged_ones_left_out():
+    """NegGrad+'s clean images come as a fresh pass per call (ILSVRC's would not fit as one list):
+    the rows the rules flag at θ0 are left out of every pass, in the same order, and NegGrad+
+    reads pass after pass instead of holding them."""
+    from potion.unlearning.plus import _repair_set
+
+    case = toy_case()
+    x, y = case["x"], case["y"]
+    calls = []
+    rows = np.concatenate([case["poison"][10:30], np.flatnonzero(y.numpy() != 0)[:100]])  # 20 unfound poison
+
+    def passes():
+        calls.append(1)
+        yield from batches(x[rows], y[rows], size=32)
+
+    ctx = case["ctx"](PlusConfig())
+    ctx.repair_batches = passes
+
+    class FlagAll:  # every target-labelled row it is shown: here the 20 unfound poison, as a perfect rule
+        def flag(self, model, bs, device):
+            return torch.ones(sum(len(b[1]) for b in bs), dtype=torch.bool)
+
+    repair, kept, dropped = _repair_set(ctx, FlagAll(), torch.tensor([0]))
+    assert len(calls) == 1 and (kept, dropped) == (100, 20)  # the flagging pass
+    first, second = list(repair()), list(repair())
+    assert len(calls) == 3 and all(torch.equal(a[0], b[0]) for a, b in zip(first, second))
+    assert int(sum((yb == 0).sum() for _, yb in first)) == 0 and sum(len(yb) for _, yb in first) == 100
+
+    calls.clear()
+    m = case["model"]
+    m.load_state_dict(case["theta0"])
+    steps = list(neggrad_steps(m, repair, x[case["forget"]], y[case["forget"]], steps=9, lr=0.01, ascent=0.5,
+                               cap=5.0, forget_batch=8, check_every=9))
+    assert steps == [9] and len(calls) == 3  # 4 batches a pass: 9 updates read 3 passes

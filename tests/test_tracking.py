@@ -408,18 +408,21 @@ def test_children_carry_the_guards_damage_where_it_was_measured(store):
 
 
 @pytest.mark.slow
-def test_a_heal_run_page_tells_the_story_and_links_the_trained_model(tmp_path, capsys):
-    """`potion train` and `potion heal` into one store: what the run page reads from it."""
+@pytest.mark.parametrize("method", [None, "xlf_ptn_guard"])
+def test_a_heal_run_page_tells_the_story_and_links_the_trained_model(method, tmp_path, capsys):
+    """`potion train` and `potion heal` into one store: what the run page reads from it, for the
+    default (potion_plus, whose NegGrad+ step is kept on this run) and for the guard's dampening."""
     import json
 
     from potion.cli import main
+    from potion.tracking.steps import update_run_name
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run, out = tmp_path / "run", tmp_path / "healed"
     assert main(["train", "--dataset", "digits", "--poison-share", "0.05", "--iterations", "120", "--quiet",
                  "--tracking-uri", uri, "--out", str(run)]) == 0
     assert main(["heal", "--run", str(run), "--discovery-share", "0.5", "--val-size", "100", "--cache-dir", "none",
-                 "--tracking-uri", uri, "--quiet", "--out", str(out)]) == 0
+                 "--tracking-uri", uri, "--quiet", "--out", str(out), *(["--method", method] if method else [])]) == 0
     rep = json.loads((out / "report.json").read_text())
     c = _client(uri)
     trained = json.loads((run / "mlflow_run.json").read_text())
@@ -431,28 +434,43 @@ def test_a_heal_run_page_tells_the_story_and_links_the_trained_model(tmp_path, c
 
     parent = c.get_run(rep["mlflow"]["parent_run_id"])
     tags, m = parent.data.tags, parent.data.metrics
-    # 4: the description states the table, k*, α and the guard's reason in plain words
     note = tags["mlflow.note.content"]
-    assert f"k\\* = {rep['k_star']}**" in note and "| none (θ0) |" in note and "**Damage guard:**" in note
-    # 5: every plain-name step value on the parent is the kept step's; no curve on the parent
-    chosen = next(t for t in rep["trace"] if t["k"] == rep["k_star"])
-    assert not [k for k in m if "/" in k and not k.startswith("system/")]
+    assert "| none (θ0) |" in note
+    assert not [k for k in m if "/" in k and not k.startswith("system/")]  # no curve on the parent
     # the run page lists the model metrics in the order they were first logged: the headline first
     order = [x.key for x in parent.data._metric_objs if not x.key.startswith("system/")]
     assert order[:2] == ["after_poison_healed", "after_model_damage"], order
-    for key, value in chosen.items():
-        if value is not None:
-            assert m[key if key != "k" else "k_star"] == value, key
-    # 6: the chosen child is tagged and named so, and children were created in k order
     children = c.search_runs([parent.info.experiment_id],
                              filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     chosen_runs = [r for r in children if r.data.tags.get("potion.chosen") == "true"]
-    assert [r.info.run_name for r in chosen_runs] == [f"k={rep['k_star']:03d} ✓ chosen"]
     by_start = sorted(children, key=lambda r: r.info.start_time)
-    assert [int(r.data.params["k"]) for r in by_start] == sorted(t["k"] for t in rep["trace"])
-    damage = rep["info"]["guard"]["damage"]
-    assert {r.data.params["k"]: r.data.metrics["proxy_damage"] for r in children
-            if "proxy_damage" in r.data.metrics} == damage
+    if method is None:
+        # the description says what potion_plus did; one child per NegGrad+ check, in update order
+        assert rep["method"] == "potion_plus" and rep["info"]["step"] == "neggrad"
+        ng = rep["info"]["plus"]["neggrad"]
+        kept = next(x for x in ng["checks"] if x["step"] == ng["picked"])
+        assert f"**potion_plus:**" in note and f"kept at update {ng['picked']} of" in note
+        assert m["neggrad_update"] == ng["picked"] and m["acc_held_out"] == kept["acc_held_out"]
+        assert m["proxy_damage"] == kept["damage"] >= -m["max_damage"] and kept["acc_held_out"] <= m["neggrad_threshold"]
+        assert [r.info.run_name for r in by_start] == [update_run_name(x["step"], x["step"] == ng["picked"])
+                                                       for x in ng["checks"]]
+        assert [r.info.run_name for r in chosen_runs] == [update_run_name(ng["picked"], True)]
+        assert [r.data.metrics["acc_held_out"] for r in by_start] == [x["acc_held_out"] for x in ng["checks"]]
+        assert "plots/neggrad.png" in [a.path for a in c.list_artifacts(parent.info.run_id, "plots")]
+    else:
+        # the description states the table, k*, α and the guard's reason in plain words
+        assert f"k\\* = {rep['k_star']}**" in note and "**Damage guard:**" in note
+        # every plain-name step value on the parent is the kept step's
+        chosen = next(t for t in rep["trace"] if t["k"] == rep["k_star"])
+        for key, value in chosen.items():
+            if value is not None:
+                assert m[key if key != "k" else "k_star"] == value, key
+        # the chosen child is tagged and named so, and children were created in k order
+        assert [r.info.run_name for r in chosen_runs] == [f"k={rep['k_star']:03d} ✓ chosen"]
+        assert [int(r.data.params["k"]) for r in by_start] == sorted(t["k"] for t in rep["trace"])
+        damage = rep["info"]["guard"]["damage"]
+        assert {r.data.params["k"]: r.data.metrics["proxy_damage"] for r in children
+                if "proxy_damage" in r.data.metrics} == damage
     # 8: system metrics, the two dataset inputs with digests, the healed model's source, Source and Created-by
     assert any(k.startswith("system/cpu") for k in m)
     inputs = {d.tags[0].value: d.dataset for d in parent.inputs.dataset_inputs}

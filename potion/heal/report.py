@@ -43,10 +43,56 @@ def heal_rows(report: dict) -> list[dict]:
 def heal_table(report: dict) -> str:
     total = report["deletion_set"].get("n_poison_total")
     of = f" of {total} poisoned" if total is not None else ""
-    head = (f"method {report['method']} ({report['backend']}), deletion set {report['deletion_set']['size']}"
-            f"{of}; k*={report.get('k_star')} alpha={fmt(report.get('alpha'))}")
+    kept = _neggrad_kept(report)
+    step = (f"NegGrad+ update {kept['step']}" if kept else
+            f"k*={report.get('k_star')} alpha={fmt(report.get('alpha'))}")
+    head = f"method {report['method']} ({report['backend']}), deletion set {report['deletion_set']['size']}{of}; {step}"
     note = report["before"].get("note")
-    return (head + "\n" + metric_table(report) + (f"\n{note}" if note else "") + guard_lines(report))
+    story = plus_story(report)
+    return (head + "\n" + metric_table(report) + (f"\n{note}" if note else "") + guard_lines(report)
+            + (f"\npotion_plus: {story}" if story else ""))
+
+
+def _neggrad_kept(report: dict) -> dict | None:
+    """The NegGrad+ check potion_plus kept as the healed model, if it kept one."""
+    ng = ((report.get("info") or {}).get("plus") or {}).get("neggrad") or {}
+    return next((c for c in ng.get("checks") or [] if c.get("step") == ng.get("picked")), None)
+
+
+def plus_story(report: dict) -> str:
+    """What potion_plus did beyond the guard, in plain words ('' for other methods): how far it
+    grew the deletion set, and whether its NegGrad+ step was kept and why."""
+    p = (report.get("info") or {}).get("plus")
+    if not p:
+        return ""
+    size, grown = report["deletion_set"]["size"], p.get("n_forget_grown", report["deletion_set"]["size"])
+    exp = p.get("expansion") or {}
+    block = exp.get("block")
+    by = f"θ0's block {block['layer']}" if block else "θ0's penultimate features"
+    if not p.get("expand"):
+        parts = ["the deletion set was not grown (plus.expand=false)"]
+    elif grown > size:
+        parts = [f"the deletion set grew from {size} to {grown} samples: {grown - size} of the "
+                 f"{exp.get('candidates')} training images under its label look like the found poison to {by}"]
+    else:
+        parts = [f"none of the {exp.get('candidates', 0)} training images under the deletion set's label looked "
+                 f"like the found poison to θ0, so the deletion set stayed at {size}"]
+    ng, kept = p.get("neggrad"), _neggrad_kept(report)
+    dampened = "the damage guard dampened the " + ("grown set" if grown > size else "deletion set")
+    delta = ((report.get("config") or {}).get("guard") or {}).get("max_damage")
+    if not p.get("neggrad_steps"):
+        parts.append(f"NegGrad+ was off (plus.neggrad_steps=0), so {dampened}")
+    elif ng is None:
+        parts.append(f"NegGrad+ was skipped ({grown} samples, fewer than plus.neggrad_min_forget="
+                     f"{p.get('neggrad_min_forget')} to hold a fifth out), so {dampened}")
+    elif kept:
+        parts.append(f"NegGrad+ (training on clean images while unlearning the deletion set) was kept at update "
+                     f"{kept['step']} of {p.get('neggrad_steps')}: the {ng.get('held_out')} held-out deletion samples "
+                     f"fell to {kept['acc_held_out']:.3f} accuracy (stop line {ng['threshold']:.3f}) at proxy damage "
+                     f"{kept['damage']:+.2f} points, within δ={delta:g}; no dampening was needed")
+    else:
+        parts.append(f"NegGrad+ was not kept ({ng.get('reason')}), so {dampened}")
+    return "; ".join(parts) + "."
 
 
 def metric_table(report: dict) -> str:
@@ -110,6 +156,9 @@ def run_description(report: dict) -> str:
     story = guard_story(report)
     if story:
         lines += ["", f"**Damage guard:** {story}"]
+    story = plus_story(report)
+    if story:
+        lines += ["", f"**potion_plus:** {story[0].upper()}{story[1:]}"]
     return "\n".join(lines)
 
 

@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -142,7 +143,7 @@ class HealSets:
     extra: dict  # report entries about the sets: B and why, Dr's label runs, the proxy
     suspects: np.ndarray | None = None  # potion_plus: target-labelled retain images it may grow Sf with
     suspect_batches: list | None = None
-    repair_batches: list | None = None  # potion_plus: clean retain images for its repair
+    repair_batches: Callable[[], Iterable] | None = None  # potion_plus: clean retain images, a pass per call
 
 
 def _heal(inputs: HealInputs, job: HealJob, out: Path, share, count, identified, progress,
@@ -224,8 +225,10 @@ def select_sets(inputs: HealInputs, job: HealJob, share, count, identified, devi
             sets.suspect_batches = list(view.subset(sets.suspects).batches(eval_bs, device=device))
         if plus.clean_steps:
             repair = np.searchsorted(retain, draw_repair(retain, proxy, plus.repair_size, job.seed))
-            sets.repair_batches = list(retain_view.subset(repair).batches(plus.repair_batch_size, shuffle=True,
-                                                                        seed=job.seed, device=device))
+            repair_view = retain_view.subset(repair)
+            # decoded batch by batch at each pass, never held whole (potion.unlearning.plus)
+            sets.repair_batches = lambda: repair_view.batches(plus.repair_batch_size, shuffle=True, seed=job.seed,
+                                                              device=device)
     return sets
 
 
@@ -328,6 +331,9 @@ def _write(out: Path, healed, inputs: HealInputs, job: HealJob, sets: HealSets, 
         # the run page lists metrics in the order they were first logged: the headline first
         tracker.log_metrics(before_after_metrics(report), model_id=model_id)
         tracker.log_curve(trace, threshold=result.info.get("threshold"), k_star=k_star, guard=guard)
+        neggrad = (result.info.get("plus") or {}).get("neggrad")
+        if neggrad:
+            tracker.log_updates(neggrad, job.guard.max_damage)
         sample = report.get("retain_sample") or {}
         tracker.log_metrics({f"retain_sample_{k}": sample[k] for k in ("n_used", "share_used", "batches")
                              if isinstance(sample.get(k), (int, float))})

@@ -58,7 +58,7 @@ def check_heal_job(job, share=None, count=None) -> None:
     _finite_in(job.ssd_lambda, "ssd_lambda", 0.0, lo_open=True)
     if job.num_cpus is not None:
         _int_in(job.num_cpus, "num_cpus (--num-cpus)", 1)
-    if "_ptn" in job.method and job.ptn.max_steps < 1:
+    if ("_ptn" in job.method or job.method == "potion_plus") and job.ptn.max_steps < 1:  # the PTN searchers
         raise PotionError(f"ptn.max_steps (--max-steps) must be at least 1 for {job.method}: step 0 dampens "
                           f"only the first share s_0, got {job.ptn.max_steps}")
     if share is not None:

@@ -104,6 +104,43 @@ def tradeoff_figure(steps: Sequence[Mapping[str, Any]], threshold: float | None 
     return fig
 
 
+def neggrad_figure(record: Mapping[str, Any], max_damage: float):
+    """potion_plus's NegGrad+ checks (``record``: its ``info.plus.neggrad``), from θ0 at update
+    0: held-out and deletion-set accuracy against the update (top) with the stop line, proxy
+    damage against −δ (bottom), the kept update marked."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    start = {"step": 0, "acc_held_out": record.get("acc0_held_out"), "acc_forget": record.get("acc0"), "damage": 0.0}
+    checks = [start, *sorted(record.get("checks") or [], key=lambda c: c["step"])]
+    threshold, picked = record.get("threshold"), record.get("picked")
+    fig = Figure(figsize=(7.5, 6), dpi=100)
+    FigureCanvasAgg(fig)
+    ax, dx = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 2]})
+    steps = [c["step"] for c in checks]
+    ax.plot(steps, [c.get("acc_held_out") for c in checks], "o-", ms=3, label="held-out part of the deletion set")
+    ax.plot(steps, [c.get("acc_forget") for c in checks], "s-", ms=3, label="deletion set (whole)")
+    if threshold is not None:
+        ax.axhline(threshold, color="gray", ls="--", lw=1, label=f"stop line ρ·acc0 = {threshold:.3f}")
+    dx.plot(steps, [c.get("damage") for c in checks], "^-", ms=4, color="tab:green", label="proxy damage")
+    dx.axhline(0.0, color="gray", lw=0.8)
+    dx.axhline(-max_damage, color="tab:red", ls=":", lw=1.2, label=f"allowed damage δ = {_points(max_damage)}")
+    low = min([-max_damage, *(c["damage"] for c in checks if c.get("damage") is not None)])
+    dx.set_ylim(min(-1.0, low * 1.3), max(0.5, 0.3 * abs(low)))
+    if picked is not None:
+        _vline([ax, dx], picked, "red", "-", f"kept update {picked}")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=7, loc="upper right")  # the accuracies start high on the left and fall
+    dx.set_ylabel(DAMAGE_AXIS_LABEL)
+    dx.legend(fontsize=7, loc="lower right")
+    dx.set_xlabel("NegGrad+ update (clean batch descended, deletion set ascended)")
+    ax.set_title(f"Kept update {picked}: the latest check within δ below the stop line" if picked is not None
+                 else "No update kept: the heal went on to dampening", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def _vline(axes, k: int, color: str, ls: str, text: str) -> None:
     """A vertical line at step k on every panel, labelled at the top of the first."""
     for a in axes:

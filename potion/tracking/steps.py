@@ -23,6 +23,11 @@ def child_run_name(k: int, chosen: bool = False) -> str:
     return f"k={int(k):03d}" + (" ✓ chosen" if chosen else "")
 
 
+def update_run_name(update: int, chosen: bool = False) -> str:
+    """``update=060`` for a NegGrad+ check (potion_plus); ``✓ chosen`` on the one kept."""
+    return f"update={int(update):03d}" + (" ✓ chosen" if chosen else "")
+
+
 def _step_dict(step: Any) -> dict[str, Any]:
     return step.to_dict() if hasattr(step, "to_dict") else dict(step)
 

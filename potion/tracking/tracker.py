@@ -19,8 +19,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from potion.errors import PotionError
 from potion.tracking.context import DataInput, QuietLogger, SystemMetrics, command_line, source_tags
-from potion.tracking.plots import tradeoff_figure
-from potion.tracking.steps import _chunks, _numeric, _step_dict, child_fields, child_run_name
+from potion.tracking.plots import neggrad_figure, tradeoff_figure
+from potion.tracking.steps import _chunks, _numeric, _step_dict, child_fields, child_run_name, update_run_name
 from potion.tracking.store import (
     EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, check_tracking, default_artifact_root, release_store,
 )
@@ -29,6 +29,7 @@ from potion.tracking.tune_callback import _batched_logger_callback
 CHOSEN_TAG = "potion.chosen"  # "true" on the child run of the step the heal kept
 MAX_TAG = 8000  # characters MLflow keeps of a tag value
 PLOT_FILE = "plots/ptn_tradeoff.png"
+NEGGRAD_PLOT_FILE = "plots/neggrad.png"
 MODEL_NAME = "healed_model"  # the mlflow.pytorch model's name (shown under "Logged models")
 
 
@@ -181,8 +182,6 @@ class SearchTracker:
         named ``k=043 ✓ chosen`` and tagged ``potion.chosen=true``. Steps already logged,
         or all of them when the Tune callback logs the children, are skipped. Returns how
         many child runs were created."""
-        from mlflow.entities import Metric, Param
-
         self._require()
         if self._children_by_callback:
             return 0
@@ -194,15 +193,50 @@ class SearchTracker:
             if not self._once(f"child:{k}"):
                 continue
             chosen = k_star is not None and k == int(k_star)
-            # start times one millisecond apart: equal times would leave the UI's order to chance
-            run = self.client.create_run(self.experiment_id, run_name=child_run_name(k, chosen), start_time=t0 + i,
-                                         tags={"mlflow.parentRunId": self.parent_run_id, **self.tags,
-                                               CHOSEN_TAG: str(chosen).lower()})
             values = {**d, "proxy_damage": damage.get(str(k))}
-            metrics = [Metric(key, v, t0 + i, 0) for key, v in _numeric(values, child_fields()).items()]
-            self.client.log_batch(run.info.run_id, metrics=metrics, params=[Param("k", str(k))])
-            self.client.set_terminated(run.info.run_id, "FINISHED", end_time=t0 + i)
+            self._child(child_run_name(k, chosen), t0 + i, chosen, _numeric(values, child_fields()), {"k": k})
             made += 1
+        return made
+
+    def _child(self, name: str, at: int, chosen: bool, metrics: Mapping[str, float], params: Mapping[str, Any]) -> None:
+        """One finished child run of the parent, started at ``at`` (ms)."""
+        from mlflow.entities import Metric, Param
+
+        # start times one millisecond apart: equal times would leave the UI's order to chance
+        run = self.client.create_run(self.experiment_id, run_name=name, start_time=at,
+                                     tags={"mlflow.parentRunId": self.parent_run_id, **self.tags,
+                                           CHOSEN_TAG: str(chosen).lower()})
+        self.client.log_batch(run.info.run_id, metrics=[Metric(k, v, at, 0) for k, v in metrics.items()],
+                              params=[Param(k, str(v)) for k, v in params.items()])
+        self.client.set_terminated(run.info.run_id, "FINISHED", end_time=at)
+
+    def log_updates(self, record: Mapping[str, Any], max_damage: float) -> int:
+        """potion_plus's NegGrad+ checks (``record``: its ``info.plus.neggrad``): one child run
+        per check, named ``update=060`` in update order (``✓ chosen`` on the one kept), with its
+        held-out and deletion-set accuracy and proxy damage; on the parent the kept check's
+        values and the plot ``plots/neggrad.png``. Returns how many child runs were created."""
+        self._require()
+        checks = sorted(record.get("checks") or [], key=lambda c: c["step"])
+        picked = record.get("picked")
+        made = 0
+        t0 = int(time.time() * 1000)
+        for i, c in enumerate(checks):
+            if not self._once(f"update:{c['step']}"):
+                continue
+            chosen = c["step"] == picked
+            values = {"update": c["step"], "acc_held_out": c.get("acc_held_out"), "acc_forget": c.get("acc_forget"),
+                      "proxy_damage": c.get("damage")}
+            self._child(update_run_name(c["step"], chosen), t0 + i, chosen, _numeric(values, values),
+                        {"update": c["step"]})
+            made += 1
+        if checks and self._once("neggrad_plot"):
+            kept = next((c for c in checks if c["step"] == picked), None)
+            summary = {"neggrad_threshold": record.get("threshold")}
+            if kept is not None:  # the kept model's values (else the dampening's, from log_curve)
+                summary.update(neggrad_update=kept["step"], acc_held_out=kept.get("acc_held_out"),
+                               proxy_damage=kept.get("damage"), max_damage=max_damage)
+            self.log_metrics(summary)
+            self.client.log_figure(self.parent_run_id, neggrad_figure(record, max_damage), NEGGRAD_PLOT_FILE)
         return made
 
     # -- the parent: the choice, the plot, the description -----------------------

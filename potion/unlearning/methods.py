@@ -79,10 +79,11 @@ class HealContext:
     guard: GuardConfig = field(default_factory=GuardConfig)
     allow_damage: bool = False
     # potion_plus: its switches, the target-labelled retain images (x, y batches) it may grow
-    # Sf with, and clean retain images (never the proxy) for its repair
+    # Sf with, and clean retain images (never the proxy) for NegGrad+ and its repair: a fresh
+    # pass per call, in the same order every time
     plus: PlusConfig = field(default_factory=PlusConfig)
     suspect_batches: Sequence | None = None
-    repair_batches: Sequence | None = None
+    repair_batches: Callable[[], Iterable] | None = None
     # the baselines task_vector and finetune (potion.unlearning.baselines)
     task_vector: TaskVectorConfig = field(default_factory=TaskVectorConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)

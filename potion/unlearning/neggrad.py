@@ -12,7 +12,7 @@ every ``check_every`` updates and the caller measures and decides what to keep.
 """
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -22,7 +22,7 @@ Tensor = torch.Tensor
 
 def neggrad_steps(
     model: nn.Module,
-    retain_batches: Sequence[tuple[Tensor, Tensor]],
+    retain_batches: Sequence[tuple[Tensor, Tensor]] | Callable[[], Iterable[tuple[Tensor, Tensor]]],
     forget_x: Tensor,
     forget_y: Tensor,
     *,
@@ -38,7 +38,7 @@ def neggrad_steps(
 ) -> Iterator[int]:
     """``steps`` SGD updates (the rate ``lr`` decaying to 0 along a cosine) of
     ``loss(retain batch) − ascent · mean(min(loss(forget row), cap))`` from the model's
-    current weights, cycling ``retain_batches`` and drawing ``forget_batch`` rows of Sf per
+    current weights, cycling ``retain_batches`` (a list, or a callable giving a fresh pass) and drawing ``forget_batch`` rows of Sf per
     update (seeded).
 
     Yields the number of updates done every ``check_every`` updates and after the last, with
@@ -48,9 +48,9 @@ def neggrad_steps(
     as fine-tuning does: with batch-norm statistics frozen at θ0's, the ascent wrecked the
     MNIST model (clean accuracy 0.17).
     """
-    batches = [(x, y) for x, y in retain_batches if len(y)]
-    if not batches or not len(forget_y):
-        raise ValueError("NegGrad+ needs at least one retain batch and one deletion-set sample")
+    if not len(forget_y):
+        raise ValueError("NegGrad+ needs at least one deletion-set sample")
+    batches = _round_and_round(retain_batches)
     gen = torch.Generator().manual_seed(seed)
     fx, fy = forget_x.to(device), forget_y.to(device)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
@@ -61,7 +61,7 @@ def neggrad_steps(
     ce = nn.functional.cross_entropy
     for step in range(1, steps + 1):
         model.train()
-        x, y = batches[(step - 1) % len(batches)]
+        x, y = next(batches)
         pick = torch.randperm(len(fy), generator=gen)[:size].to(fx.device)
         # one forward for both: batch norm's statistics from Sf alone (a batch of triggered
         # images) moved the running statistics off the clean data; on the CIFAR sine model
@@ -79,3 +79,16 @@ def neggrad_steps(
             model.eval()
             yield step
     model.eval()
+
+
+def _round_and_round(batches) -> Iterator[tuple[Tensor, Tensor]]:
+    """The non-empty batches of a list, or of a fresh pass per call of a callable (one batch in
+    memory at a time), over and over."""
+    while True:
+        empty = True
+        for x, y in (batches() if callable(batches) else batches):
+            if len(y):
+                empty = False
+                yield x, y
+        if empty:
+            raise ValueError("NegGrad+ needs at least one retain batch")

@@ -150,18 +150,30 @@ def _expansion(ctx: HealContext) -> tuple[PoisonRules | None, Tensor | None, dic
     return rules, mask, record
 
 
-def _repair_set(ctx: HealContext, rules: PoisonRules | None, targets: Tensor) -> tuple[Batches, int]:
-    """The repair's clean images: target-labelled ones the rules call poison-like are left out."""
-    batches = [(x.to(ctx.device), y.to(ctx.device)) for x, y in (ctx.repair_batches or [])]
-    if not batches or rules is None:
-        return batches, 0
+def _repair_set(ctx: HealContext, rules: PoisonRules | None, targets: Tensor) -> tuple[Any, int, int]:
+    """The repair's clean images as a fresh pass per call, in the same order, one batch in memory
+    at a time (ILSVRC's 12,800 would be 7.7 GB as tensors): target-labelled ones the rules call
+    poison-like at θ0 are left out, found in one first pass. Also how many are kept and dropped."""
+    if ctx.repair_batches is None:
+        return None, 0, 0
     ctx.model.load_state_dict(ctx.state0)
     ctx.model.eval()
-    is_t = torch.isin(torch.cat([y.cpu() for _, y in batches]), targets)
-    drop = torch.zeros(len(is_t), dtype=torch.bool)
-    drop[is_t] = rules.flag(ctx.model, _labelled(batches, targets), ctx.device)
-    size = max(len(y) for _, y in batches)
-    return _rows(batches, (~drop).to(batches[0][0].device), size), int(drop.sum())
+    drops = []
+    for x, y in ctx.repair_batches():
+        drop = torch.zeros(len(y), dtype=torch.bool)
+        is_t = torch.isin(y.cpu(), targets)
+        if rules is not None and is_t.any():
+            drop[is_t] = rules.flag(ctx.model, [(x[is_t.to(x.device)], y[is_t.to(y.device)])], ctx.device)
+        drops.append(drop)
+
+    def passes():
+        for (x, y), drop in zip(ctx.repair_batches(), drops):
+            keep = ~drop
+            if keep.any():
+                yield x[keep.to(x.device)].to(ctx.device), y[keep.to(y.device)].to(ctx.device)
+
+    dropped = int(sum(int(d.sum()) for d in drops))
+    return passes, sum(len(d) for d in drops) - dropped, dropped
 
 
 def _pick(options: list[tuple[str, dict, StepResult, float]], threshold: float, delta: float, tolerance: float):
@@ -193,10 +205,10 @@ def _potion_plus(ctx: HealContext) -> HealResult:
         grown = torch.cat([torch.ones(n_forget, dtype=torch.bool), mask])
         forget = _rows(list(ctx.forget_batches) + list(ctx.suspect_batches), grown, size)
         n_forget += int(mask.sum())
-    repair, dropped = _repair_set(ctx, rule, targets) if cfg.clean_steps else ([], 0)
+    repair, n_repair, dropped = _repair_set(ctx, rule, targets) if cfg.clean_steps else (None, 0, 0)
     plus_info = {**dataclasses.asdict(cfg), "expansion": expansion, "n_forget_grown": n_forget,
-                 "repair_dropped": dropped, "repair_images": sum(len(y) for _, y in repair)}
-    if cfg.neggrad_steps and repair and n_forget >= cfg.neggrad_min_forget:
+                 "repair_dropped": dropped, "repair_images": n_repair}
+    if cfg.neggrad_steps and n_repair and n_forget >= cfg.neggrad_min_forget:
         t_ng = time.perf_counter()
         state, plus_info["neggrad"] = _neggrad(ctx, forget, n_forget, repair)
         if state is not None:
@@ -234,7 +246,7 @@ def _potion_plus(ctx: HealContext) -> HealResult:
         if cfg.rounds == 1 and not cfg.repair_steps:  # the guard's step as it chose it
             state = res.state_dict
             break
-        chosen = _round(ctx, ev0, ev, res, repair, delta)
+        chosen = _round(ctx, ev0, ev, res, list(repair()) if cfg.repair_steps and n_repair else [], delta)
         if chosen is None:
             break
         state = chosen[1]
@@ -285,7 +297,7 @@ def _holdout(forget: Sequence, share: float, seed: int) -> tuple[Tensor, Tensor,
     return x[keep], y[keep], _rows(forget, out, max(len(b[1]) for b in forget))
 
 
-def _neggrad(ctx: HealContext, forget: Sequence, n_forget: int, repair: Batches) -> tuple[dict | None, dict]:
+def _neggrad(ctx: HealContext, forget: Sequence, n_forget: int, repair) -> tuple[dict | None, dict]:
     """NegGrad+ from θ0, measured every few updates: its latest check within δ whose held-out
     accuracy crosses ρ · the held-out part's accuracy at θ0, else None; and the record of
     every check."""
