@@ -296,3 +296,24 @@ def test_the_repair_images_are_read_a_pass_at_a_time_with_the_flagged_ones_left_
     steps = list(neggrad_steps(m, repair, x[case["forget"]], y[case["forget"]], steps=9, lr=0.01, ascent=0.5,
                                cap=5.0, forget_batch=8, check_every=9))
     assert steps == [9] and len(calls) == 3  # 4 batches a pass: 9 updates read 3 passes
+
+
+def test_a_repair_source_that_reorders_between_passes_is_refused():
+    """The flags from the first pass are by position: a source that shuffles anew each pass
+    would drop other images, so it is an error, not a silent mismatch."""
+    from potion.unlearning.plus import _repair_set
+
+    case = toy_case()
+    x, y = case["x"], case["y"]
+    g = torch.Generator().manual_seed(0)
+
+    def reshuffled():
+        order = torch.randperm(len(y), generator=g)
+        yield from batches(x[order], y[order], size=64)
+
+    ctx = case["ctx"](PlusConfig())
+    ctx.repair_batches = reshuffled
+    repair, kept, _ = _repair_set(ctx, None, torch.tensor([0]))
+    assert kept == len(y)
+    with pytest.raises(PotionError, match="another order"):
+        list(repair())

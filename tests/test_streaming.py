@@ -172,6 +172,20 @@ def test_a_heal_finds_the_same_k_star_on_both_paths(tmp_path):
     assert "importance_chunks" in on_ray["placement"]
     assert on_ray["alpha"] == pytest.approx(memory["alpha"], rel=1e-5)
 
+    # The default, potion_plus: its clean images are decoded pass by pass, and its flags from the
+    # first pass must meet the same rows in every later one, streamed as in memory
+    plus = []
+    for r in (run, streamed_run):
+        out = tmp_path / f"plus-{r.name}"
+        assert main(["heal", "--run", str(r), "--discovery-share", "0.5", "--quiet", "--tracking-uri", "none",
+                     "--cache-dir", "none", "--out", str(out)]) == 0
+        plus.append(json.loads((out / "report.json").read_text()))
+    memory, streamed = plus
+    assert memory["method"] == streamed["method"] == "potion_plus"
+    assert memory["info"]["plus"]["neggrad"] == streamed["info"]["plus"]["neggrad"]  # every check alike
+    assert memory["info"]["plus"]["neggrad"]["checks"] and memory["info"]["plus"]["repair_dropped"] > 0
+    assert memory["info"]["plus"]["repair_images"] > 0 and memory["after"] == streamed["after"]
+
 
 @pytest.mark.slow
 @pytest.mark.ray

@@ -158,16 +158,20 @@ def _repair_set(ctx: HealContext, rules: PoisonRules | None, targets: Tensor) ->
         return None, 0, 0
     ctx.model.load_state_dict(ctx.state0)
     ctx.model.eval()
-    drops = []
+    drops, labels = [], []
     for x, y in ctx.repair_batches():
         drop = torch.zeros(len(y), dtype=torch.bool)
         is_t = torch.isin(y.cpu(), targets)
         if rules is not None and is_t.any():
             drop[is_t] = rules.flag(ctx.model, [(x[is_t.to(x.device)], y[is_t.to(y.device)])], ctx.device)
         drops.append(drop)
+        labels.append(y.cpu())
 
     def passes():
-        for (x, y), drop in zip(ctx.repair_batches(), drops):
+        for (x, y), drop, seen in zip(ctx.repair_batches(), drops, labels):
+            if not torch.equal(y.cpu(), seen):  # the flags would land on other images
+                raise PotionError("potion_plus: the clean retain images came in another order than in the first "
+                                  "pass; their source must give the same order on every pass")
             keep = ~drop
             if keep.any():
                 yield x[keep.to(x.device)].to(ctx.device), y[keep.to(y.device)].to(ctx.device)
