@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from potion.errors import PotionError
 from potion.unlearning.methods import METHODS, HealContext, heal
+from potion.unlearning.plus import kept_rows
 from potion.unlearning.ptn import PTNConfig
 
 __all__ = ["Healed", "heal_model"]
@@ -87,16 +88,17 @@ def heal_model(
         retain_total=len(retain_batches),
     )
     if method in GUARDED:
+        plus = method == "potion_plus"
         # potion_plus on a small retain set leaves half for NegGrad+ (as `potion heal`)
-        proxy = _proxy_mask(n_retain, min(2000, max(1, n_retain // 2)) if method == "potion_plus" else 2000)
-        ctx.proxy_batches = _rows(retain_batches, proxy, batch_size)
-    if method == "potion_plus":  # as `potion heal` hands them over (potion.heal.run.select_sets)
+        proxy = _proxy_mask(n_retain, min(2000, max(1, n_retain // 2)) if plus else 2000)
         targets = torch.unique(torch.cat([torch.as_tensor(b[1]).reshape(-1) for b in forget_batches]))
-        labels = torch.cat([torch.as_tensor(b[1]).reshape(-1) for b in retain_batches])
-        ctx.suspect_batches = _rows(retain_batches, torch.isin(labels, targets).numpy(), batch_size)
-        repair = _rows(retain_batches, _repair_mask(proxy, ctx.plus.repair_size), ctx.plus.repair_batch_size,
-                       shuffle=True)
-        ctx.repair_batches = lambda: iter(repair)
+        sets = _retain_slices(retain_batches, proxy, _repair_mask(proxy, ctx.plus.repair_size) if plus else None,
+                              targets)
+        ctx.proxy_batches = kept_rows(*sets["proxy"], batch_size)
+        if plus:  # as `potion heal` hands them over (potion.heal.run.select_sets)
+            ctx.suspect_batches = kept_rows(*sets["suspects"], batch_size)
+            repair = kept_rows(*sets["repair"], ctx.plus.repair_batch_size, shuffle_seed=0)
+            ctx.repair_batches = lambda: iter(repair)
     t0 = time.perf_counter()
     owned_ray = False
     if backend == "ray":
@@ -132,29 +134,34 @@ def _proxy_mask(n_retain: int, size: int = 2000, seed: int = 0) -> np.ndarray:
     return keep
 
 
+def _retain_slices(retain_batches, proxy: np.ndarray, repair: np.ndarray | None, targets: torch.Tensor) -> dict:
+    """From one pass over the retain samples (a shuffling DataLoader orders every pass anew):
+    the proxy's rows and, with ``repair``, the repair's and the target-labelled ones, each as
+    ``([(x, y)], keep)`` for :func:`kept_rows`."""
+    parts: dict[str, tuple[list, list]] = {}
+    at = 0
+    for b in retain_batches:
+        x, y = b[0], b[1]
+        n = len(y)
+        sel = {"proxy": torch.from_numpy(proxy[at:at + n])}
+        if repair is not None:
+            sel["repair"] = torch.from_numpy(repair[at:at + n])
+            sel["suspects"] = torch.isin(torch.as_tensor(y).reshape(-1).cpu(), targets)
+        for name, m in sel.items():
+            xs, ys = parts.setdefault(name, ([], []))
+            xs.append(x[m])
+            ys.append(y[m])
+        at += n
+    return {name: ([(torch.cat(xs), torch.cat(ys))], torch.ones(sum(len(v) for v in ys), dtype=torch.bool))
+            for name, (xs, ys) in parts.items()}
+
+
 def _repair_mask(proxy: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
     """potion_plus's clean images for NegGrad+: a seeded slice of the retain samples outside the proxy."""
     pool = np.flatnonzero(~proxy)
     keep = np.zeros(len(proxy), dtype=bool)
     keep[np.random.default_rng([seed, 0x3E9A1]).choice(pool, size=min(size, len(pool)), replace=False)] = True
     return keep
-
-
-def _rows(batches, keep: np.ndarray, batch_size: int, shuffle: bool = False, seed: int = 0) -> list:
-    """The kept rows of ``batches`` (``keep`` over all their rows, in order), re-cut every
-    ``batch_size``; ``shuffle``: in a seeded random order."""
-    xs, ys, at = [], [], 0
-    for b in batches:
-        x, y = b[0], b[1]
-        sel = torch.from_numpy(keep[at:at + len(y)])
-        xs.append(x[sel])
-        ys.append(y[sel])
-        at += len(y)
-    x, y = torch.cat(xs), torch.cat(ys)
-    if shuffle:
-        order = torch.from_numpy(np.random.default_rng(seed).permutation(len(y)))
-        x, y = x[order], y[order]
-    return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(y), batch_size)]
 
 
 class _Clone:

@@ -33,15 +33,12 @@ def test_readme_heal_model_example_runs_and_heals(tmp_path, monkeypatch):
     assert (tmp_path / "healed_state.pt").is_file()
 
 
-def test_heal_model_takes_datasets_loaders_and_batches_alike():
+def _digits_mlp():
+    """An MLP on 600 digits with a corner-patch backdoor to label 0 on 30 of them."""
     import numpy as np
     import torch
     from sklearn.datasets import load_digits
     from torch import nn
-    from torch.utils.data import DataLoader, TensorDataset
-
-    import potion
-    from potion.unlearning.ptn import PTNConfig
 
     d = load_digits()
     x = torch.tensor(d.images[:600], dtype=torch.float32).unsqueeze(1) / 16
@@ -57,6 +54,17 @@ def test_heal_model_takes_datasets_loaders_and_batches_alike():
         opt.zero_grad()
         loss.backward()
         opt.step()
+    return net, x, y, bad
+
+
+def test_heal_model_takes_datasets_loaders_and_batches_alike():
+    import numpy as np
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import potion
+    from potion.unlearning.ptn import PTNConfig
+
+    net, x, y, bad = _digits_mlp()
     theta0 = {k: v.clone() for k, v in net.state_dict().items()}
     found = bad[:10]
     rest = np.setdiff1d(np.arange(600), found)
@@ -73,3 +81,38 @@ def test_heal_model_takes_datasets_loaders_and_batches_alike():
         assert out.report["n_forget"] == 10 and out.report["n_total"] == 600
         ks.append(out.report["k_star"])
     assert len(set(ks)) == 1 and isinstance(ks[0], int), ks
+
+
+def test_the_default_takes_its_sets_from_one_pass_of_a_shuffling_loader():
+    """A shuffling DataLoader orders every pass anew: the proxy, the repair slice and the
+    target-labelled rows potion_plus grows Sf from are cut from one pass, so each holds what
+    it should (all 0-labelled rows as candidates; x and y still paired)."""
+    import numpy as np
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import potion
+
+    net, x, y, bad = _digits_mlp()
+    found = bad[:10]
+    rest = np.setdiff1d(np.arange(600), found)
+    retain = DataLoader(TensorDataset(x[rest], y[rest]), batch_size=64, shuffle=True,
+                        generator=torch.Generator().manual_seed(0))
+    out = potion.heal_model(net, deletion=TensorDataset(x[found], y[found]), retain=retain)
+    plus = out.report["info"]["plus"]
+    assert out.report["method"] == "potion_plus"
+    assert plus["expansion"]["candidates"] == int((y[rest] == 0).sum())
+    assert plus["n_forget_grown"] > 10 and plus["repair_images"] > 0
+
+    # the rows themselves: tag each retain row with its index in x, then split a shuffled pass
+    from potion.api import _proxy_mask, _repair_mask, _retain_slices
+
+    tagged = DataLoader(TensorDataset(torch.as_tensor(rest), y[rest]), batch_size=64, shuffle=True,
+                        generator=torch.Generator().manual_seed(1))
+    proxy = _proxy_mask(len(rest), 200)
+    sets = _retain_slices(tagged, proxy, _repair_mask(proxy, 300), torch.tensor([0]))
+    rows = {name: sets[name][0][0] for name in sets}
+    assert all(torch.equal(y[rows[name][0]], rows[name][1]) for name in rows)  # x and y still paired
+    assert (rows["suspects"][1] == 0).all() and len(rows["suspects"][1]) == int((y[rest] == 0).sum())
+    assert len(rows["proxy"][0]) == 200 and len(rows["repair"][0]) == 300
+    assert not np.isin(rows["proxy"][0].numpy(), rows["repair"][0].numpy()).any()

@@ -55,10 +55,14 @@ Tensor = torch.Tensor
 Batches = list[tuple[Tensor, Tensor]]
 
 
-def _rows(batches: Sequence, keep: Tensor, size: int) -> Batches:
-    """The kept rows of ``batches`` (``keep`` over all their rows, in order), re-cut every ``size``."""
-    x = torch.cat([b[0] for b in batches])[keep]
-    y = torch.cat([b[1] for b in batches])[keep]
+def kept_rows(batches: Sequence, keep: Tensor, size: int, shuffle_seed: int | None = None) -> Batches:
+    """The kept rows of ``batches`` (``keep`` over all their rows, in order, or in a seeded
+    random order with ``shuffle_seed``), re-cut every ``size``."""
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    x, y = x[keep.to(x.device)], y[keep.to(y.device)]
+    if shuffle_seed is not None:
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(shuffle_seed))
+        x, y = x[order.to(x.device)], y[order.to(y.device)]
     return [(x[i:i + size], y[i:i + size]) for i in range(0, len(y), size)]
 
 
@@ -207,7 +211,7 @@ def _potion_plus(ctx: HealContext) -> HealResult:
     if cfg.expand and mask is not None and mask.any():
         size = max(len(y) for _, y in ctx.forget_batches)
         grown = torch.cat([torch.ones(n_forget, dtype=torch.bool), mask])
-        forget = _rows(list(ctx.forget_batches) + list(ctx.suspect_batches), grown, size)
+        forget = kept_rows(list(ctx.forget_batches) + list(ctx.suspect_batches), grown, size)
         n_forget += int(mask.sum())
     repair, n_repair, dropped = _repair_set(ctx, rule, targets) if cfg.clean_steps else (None, 0, 0)
     plus_info = {**dataclasses.asdict(cfg), "expansion": expansion, "n_forget_grown": n_forget,
@@ -298,7 +302,7 @@ def _holdout(forget: Sequence, share: float, seed: int) -> tuple[Tensor, Tensor,
     out = torch.zeros(len(y), dtype=torch.bool, device=y.device)
     out[perm[:max(1, round(share * len(y)))]] = True
     keep = perm[~out[perm]]
-    return x[keep], y[keep], _rows(forget, out, max(len(b[1]) for b in forget))
+    return x[keep], y[keep], kept_rows(forget, out, max(len(b[1]) for b in forget))
 
 
 def _neggrad(ctx: HealContext, forget: Sequence, n_forget: int, repair) -> tuple[dict | None, dict]:
