@@ -38,8 +38,8 @@ def neggrad_steps(
 ) -> Iterator[int]:
     """``steps`` SGD updates (the rate ``lr`` decaying to 0 along a cosine) of
     ``loss(retain batch) − ascent · mean(min(loss(forget row), cap))`` from the model's
-    current weights, cycling ``retain_batches`` (a list, or a callable giving a fresh pass) and drawing ``forget_batch`` rows of Sf per
-    update (seeded).
+    current weights, cycling ``retain_batches`` (a list, or a callable giving a fresh pass) and
+    drawing ``forget_batch`` rows of Sf per update (seeded).
 
     Yields the number of updates done every ``check_every`` updates and after the last, with
     the model in eval mode holding the current weights; the caller may measure it, copy its
