@@ -79,7 +79,7 @@ def heal_model(
         raise PotionError(f"heal_model needs samples in both sets; got {n_forget} to delete and {n_retain} to retain")
     cfg = ptn or PTNConfig()
     model.to(device)
-    from potion.heal.sets import GUARDED
+    from potion.heal.sets import GUARDED, draw_proxy, draw_repair, proxy_size
 
     ctx = HealContext(
         model=model, state0={k: v.detach().clone() for k, v in model.state_dict().items()},
@@ -89,16 +89,17 @@ def heal_model(
     )
     if method in GUARDED:
         plus = method == "potion_plus"
-        # potion_plus on a small retain set leaves half for NegGrad+ (as `potion heal`)
-        proxy = _proxy_mask(n_retain, min(2000, max(1, n_retain // 2)) if plus else 2000)
+        # the same seeded draws as `potion heal` (potion.heal.run.select_sets), over retain positions
+        positions = np.arange(n_retain)
+        proxy = draw_proxy(positions, proxy_size(method, ctx.plus, 2000, n_retain), 0)
+        repair = draw_repair(positions, proxy, ctx.plus.repair_size, 0) if plus else None
         targets = torch.unique(torch.cat([torch.as_tensor(b[1]).reshape(-1) for b in forget_batches]))
-        sets = _retain_slices(retain_batches, proxy, _repair_mask(proxy, ctx.plus.repair_size) if plus else None,
-                              targets)
-        ctx.proxy_batches = kept_rows(*sets["proxy"], batch_size)
-        if plus:  # as `potion heal` hands them over (potion.heal.run.select_sets)
-            ctx.suspect_batches = kept_rows(*sets["suspects"], batch_size)
-            repair = kept_rows(*sets["repair"], ctx.plus.repair_batch_size, shuffle_seed=0)
-            ctx.repair_batches = lambda: iter(repair)
+        sets = _retain_slices(retain_batches, n_retain, proxy, repair, targets)
+        ctx.proxy_batches = kept_rows(sets["proxy"], None, batch_size)
+        if plus:
+            ctx.suspect_batches = kept_rows(sets["suspects"], None, batch_size)
+            repair_rows = kept_rows(sets["repair"], None, ctx.plus.repair_batch_size, shuffle_seed=0)
+            ctx.repair_batches = lambda: iter(repair_rows)
     t0 = time.perf_counter()
     owned_ray = False
     if backend == "ray":
@@ -127,41 +128,28 @@ def heal_model(
     return Healed(model, result.state_dict, report)
 
 
-def _proxy_mask(n_retain: int, size: int = 2000, seed: int = 0) -> np.ndarray:
-    """The damage guard's clean proxy: a seeded slice of the retain samples (as `potion heal`)."""
-    keep = np.zeros(n_retain, dtype=bool)
-    keep[np.random.default_rng([seed, 0x9A0]).choice(n_retain, size=min(size, n_retain), replace=False)] = True
-    return keep
-
-
-def _retain_slices(retain_batches, proxy: np.ndarray, repair: np.ndarray | None, targets: torch.Tensor) -> dict:
+def _retain_slices(retain_batches, n_retain: int, proxy: np.ndarray, repair: np.ndarray | None,
+                   targets: torch.Tensor) -> dict[str, list]:
     """From one pass over the retain samples (a shuffling DataLoader orders every pass anew):
-    the proxy's rows and, with ``repair``, the repair's and the target-labelled ones, each as
-    ``([(x, y)], keep)`` for :func:`kept_rows`."""
+    the rows at the ``proxy`` positions and, with ``repair``, at the ``repair`` positions and
+    those under a label of ``targets``, each as a one-batch list for :func:`kept_rows`."""
+    masks = {"proxy": np.isin(np.arange(n_retain), proxy)}
+    if repair is not None:
+        masks["repair"] = np.isin(np.arange(n_retain), repair)
     parts: dict[str, tuple[list, list]] = {}
     at = 0
     for b in retain_batches:
         x, y = b[0], b[1]
         n = len(y)
-        sel = {"proxy": torch.from_numpy(proxy[at:at + n])}
+        sel = {name: torch.from_numpy(m[at:at + n]) for name, m in masks.items()}
         if repair is not None:
-            sel["repair"] = torch.from_numpy(repair[at:at + n])
             sel["suspects"] = torch.isin(torch.as_tensor(y).reshape(-1).cpu(), targets)
         for name, m in sel.items():
             xs, ys = parts.setdefault(name, ([], []))
             xs.append(x[m])
             ys.append(y[m])
         at += n
-    return {name: ([(torch.cat(xs), torch.cat(ys))], torch.ones(sum(len(v) for v in ys), dtype=torch.bool))
-            for name, (xs, ys) in parts.items()}
-
-
-def _repair_mask(proxy: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
-    """potion_plus's clean images for NegGrad+: a seeded slice of the retain samples outside the proxy."""
-    pool = np.flatnonzero(~proxy)
-    keep = np.zeros(len(proxy), dtype=bool)
-    keep[np.random.default_rng([seed, 0x3E9A1]).choice(pool, size=min(size, len(pool)), replace=False)] = True
-    return keep
+    return {name: [(torch.cat(xs), torch.cat(ys))] for name, (xs, ys) in parts.items()}
 
 
 class _Clone:

@@ -105,13 +105,15 @@ def test_the_default_takes_its_sets_from_one_pass_of_a_shuffling_loader():
     assert plus["n_forget_grown"] > 10 and plus["repair_images"] > 0
 
     # the rows themselves: tag each retain row with its index in x, then split a shuffled pass
-    from potion.api import _proxy_mask, _repair_mask, _retain_slices
+    from potion.api import _retain_slices
+    from potion.heal.sets import draw_proxy, draw_repair
 
     tagged = DataLoader(TensorDataset(torch.as_tensor(rest), y[rest]), batch_size=64, shuffle=True,
                         generator=torch.Generator().manual_seed(1))
-    proxy = _proxy_mask(len(rest), 200)
-    sets = _retain_slices(tagged, proxy, _repair_mask(proxy, 300), torch.tensor([0]))
-    rows = {name: sets[name][0][0] for name in sets}
+    proxy = draw_proxy(np.arange(len(rest)), 200, 0)
+    sets = _retain_slices(tagged, len(rest), proxy, draw_repair(np.arange(len(rest)), proxy, 300, 0),
+                          torch.tensor([0]))
+    rows = {name: sets[name][0] for name in sets}
     assert all(torch.equal(y[rows[name][0]], rows[name][1]) for name in rows)  # x and y still paired
     assert (rows["suspects"][1] == 0).all() and len(rows["suspects"][1]) == int((y[rest] == 0).sum())
     assert len(rows["proxy"][0]) == 200 and len(rows["repair"][0]) == 300

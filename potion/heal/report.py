@@ -48,9 +48,14 @@ def heal_table(report: dict) -> str:
             f"k*={report.get('k_star')} alpha={fmt(report.get('alpha'))}")
     head = f"method {report['method']} ({report['backend']}), deletion set {report['deletion_set']['size']}{of}; {step}"
     note = report["before"].get("note")
-    story = plus_story(report)
     return (head + "\n" + metric_table(report) + (f"\n{note}" if note else "") + guard_lines(report)
-            + (f"\npotion_plus: {story}" if story else ""))
+            + plus_lines(report))
+
+
+def plus_lines(report: dict) -> str:
+    """The terminal's line on what potion_plus did ('' for other methods)."""
+    story = plus_story(report)
+    return f"\npotion_plus: {story}" if story else ""
 
 
 def _neggrad_kept(report: dict) -> dict | None:

@@ -25,7 +25,7 @@ from potion.heal.inputs import HealInputs, OwnerSource, RunSource, measure
 from potion.heal.outputs import DELETION_FILE, REPORT_FILE, build_report, write_outputs, write_refusal
 from potion.heal.report import before_after_metrics, run_description
 from potion.heal.sets import (GUARDED, check_deletion_is_poison, draw_proxy, draw_repair, expansion_score,
-                              proxy_record, select_deletion_set, suspects)
+                              proxy_record, proxy_size, select_deletion_set, suspects)
 from potion.heal.tracked import log_heal_inputs, open_tracker
 from potion.io import make_dirs, refuse_overlap, staged_output_dir
 from potion.metrics import accuracy, eval_batch_size
@@ -201,10 +201,7 @@ def select_sets(inputs: HealInputs, job: HealJob, share, count, identified, devi
 
     proxy = proxy_batches = None
     if job.method in GUARDED:
-        size = job.proxy_size
-        if job.method == "potion_plus" and job.plus.clean_steps:
-            size = min(size, max(1, len(retain) // 2))  # a small Dr leaves half for the repair
-        proxy = draw_proxy(retain, size, job.seed)
+        proxy = draw_proxy(retain, proxy_size(job.method, job.plus, job.proxy_size, len(retain)), job.seed)
         proxy_batches = list(view.subset(proxy).batches(eval_bs, device=device))
 
     runs = label_runs(view.labels[retain])

@@ -145,6 +145,12 @@ def check_deletion_is_poison(inputs: HealInputs, deletion: np.ndarray, source: s
 GUARDED = ("xlf_ptn_guard", "potion_plus")
 
 
+def proxy_size(method: str, plus, size: int, n_retain: int) -> int:
+    """The proxy's size: ``size``, but potion_plus with clean steps (``plus``: its PlusConfig)
+    leaves at least half of a small Dr for NegGrad+ and the repair."""
+    return min(size, max(1, n_retain // 2)) if method == "potion_plus" and plus.clean_steps else size
+
+
 def draw_repair(retain: np.ndarray, proxy: np.ndarray, size: int, seed: int) -> np.ndarray:
     """potion_plus's repair images: a seeded slice of Dr outside the proxy (whose damage it must not train on)."""
     rng = np.random.default_rng([int(seed), 0x3E9A1])

@@ -13,7 +13,7 @@ from pathlib import Path
 from potion.io import check_output_dir
 from potion.runs.configs import HealJob, TrainJob
 from potion.heal.run import run_heal
-from potion.heal.report import guard_lines, metric_table, plus_story
+from potion.heal.report import guard_lines, metric_table, plus_lines
 from potion.tracking.store import ui_command
 from potion.jobs.train import run_train
 
@@ -37,8 +37,7 @@ def run_demo(out: str | Path = "runs/demo", *, overwrite: bool = False, smoke: b
           f"guard) on the {backend} backend (deletion set: 30 % of the poison)")
     report = run_heal(out / "train", heal_job, out / "heal", share=0.3, overwrite=overwrite, progress=progress)
     print()
-    story = plus_story(report)
-    print(metric_table(report) + guard_lines(report) + (f"\npotion_plus: {story}" if story else ""))
+    print(metric_table(report) + guard_lines(report) + plus_lines(report))
     step = (f"k*={report['k_star']}  alpha={report['alpha']:.4g}" if report.get("k_star") is not None
             else "NegGrad+ kept")
     print(f"\n{step}  PTN evaluations={len(report['trace'])}  total {time.perf_counter() - t0:.0f} s")

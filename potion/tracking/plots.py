@@ -89,15 +89,7 @@ def tradeoff_figure(steps: Sequence[Mapping[str, Any]], threshold: float | None 
     ax.legend(fontsize=7, loc="lower left")  # the curves run along the top and fall on the right
     if dx is not None:
         pts = [(d["k"], d["proxy_damage"]) for d in steps if d.get("proxy_damage") is not None]
-        if pts:
-            dx.plot(*zip(*pts), "^-", ms=4, color="tab:green", label="proxy damage where measured")
-        delta = float(guard.get("max_damage") or 0.0)
-        dx.axhline(0.0, color="gray", lw=0.8)
-        dx.axhline(-delta, color="tab:red", ls=":", lw=1.2, label=f"allowed damage δ = {_points(delta)}")
-        low = min([-delta, *(v for _, v in pts)])
-        dx.set_ylim(min(-1.0, low * 1.3), max(0.5, 0.3 * abs(low)))
-        dx.set_ylabel(DAMAGE_AXIS_LABEL)
-        dx.legend(fontsize=7, loc="lower left")
+        _damage_panel(dx, pts, float(guard.get("max_damage") or 0.0), "proxy damage where measured", "lower left")
     axes[-1].set_xlabel(K_AXIS_LABEL)
     ax.set_title(decision_title(steps, k_star, guard), fontsize=10)
     fig.tight_layout()
@@ -122,23 +114,30 @@ def neggrad_figure(record: Mapping[str, Any], max_damage: float):
     ax.plot(steps, [c.get("acc_forget") for c in checks], "s-", ms=3, label="deletion set (whole)")
     if threshold is not None:
         ax.axhline(threshold, color="gray", ls="--", lw=1, label=f"stop line ρ·acc0 = {threshold:.3f}")
-    dx.plot(steps, [c.get("damage") for c in checks], "^-", ms=4, color="tab:green", label="proxy damage")
-    dx.axhline(0.0, color="gray", lw=0.8)
-    dx.axhline(-max_damage, color="tab:red", ls=":", lw=1.2, label=f"allowed damage δ = {_points(max_damage)}")
-    low = min([-max_damage, *(c["damage"] for c in checks if c.get("damage") is not None)])
-    dx.set_ylim(min(-1.0, low * 1.3), max(0.5, 0.3 * abs(low)))
+    pts = [(c["step"], c["damage"]) for c in checks if c.get("damage") is not None]
+    _damage_panel(dx, pts, max_damage, "proxy damage", "lower right")
     if picked is not None:
         _vline([ax, dx], picked, "red", "-", f"kept update {picked}")
     ax.set_ylabel("accuracy")
     ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=7, loc="upper right")  # the accuracies start high on the left and fall
-    dx.set_ylabel(DAMAGE_AXIS_LABEL)
-    dx.legend(fontsize=7, loc="lower right")
     dx.set_xlabel("NegGrad+ update (clean batch descended, deletion set ascended)")
     ax.set_title(f"Kept update {picked}: the latest check within δ below the stop line" if picked is not None
                  else "No update kept: the heal went on to dampening", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def _damage_panel(dx, pts: Sequence[tuple[float, float]], delta: float, label: str, legend_at: str) -> None:
+    """Proxy damage in points at the measured ``pts`` (x, damage), against 0 (θ0) and −δ."""
+    if pts:
+        dx.plot(*zip(*pts), "^-", ms=4, color="tab:green", label=label)
+    dx.axhline(0.0, color="gray", lw=0.8)
+    dx.axhline(-delta, color="tab:red", ls=":", lw=1.2, label=f"allowed damage δ = {_points(delta)}")
+    low = min([-delta, *(v for _, v in pts)])
+    dx.set_ylim(min(-1.0, low * 1.3), max(0.5, 0.3 * abs(low)))
+    dx.set_ylabel(DAMAGE_AXIS_LABEL)
+    dx.legend(fontsize=7, loc=legend_at)
 
 
 def _vline(axes, k: int, color: str, ls: str, text: str) -> None:

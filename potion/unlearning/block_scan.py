@@ -34,6 +34,8 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from potion.unlearning.expansion import robust_normal
+
 Tensor = torch.Tensor
 # A block's flagged group counts when it stands apart by MIN_GAP robust σ (its lowest score
 # above the median of the rest) and holds MIN_SHARE of the candidates. Measured on four
@@ -151,9 +153,8 @@ def _fit(cand: Tensor, anchor: Tensor, null: Tensor, precision: float, name: str
     rest = sc[~flagged]
     if not len(rest):
         return None, {**record, "flagged": int(flagged.sum())}
-    med = rest.median()
-    spread = max(float((rest - med).abs().median()) * 1.4826, 1e-6)
-    gap = float(sc[flagged].min() - med) / spread
+    med, spread = robust_normal(rest, floor=1e-6)
+    gap = (float(sc[flagged].min()) - med) / spread
     record.update(flagged=int(flagged.sum()), gap=round(gap, 3))
     return dataclasses.replace(rule, threshold=t, gap=gap), record
 

@@ -82,8 +82,8 @@ def fit_expansion(forget_features: Tensor, candidate_features: Tensor, precision
         flagged = now
     axis = poison - clean
     prior = min(float(flagged.float().mean()), 0.5) if len(fc) else 0.0
-    clean_fit = _robust_normal(fc[~flagged] @ axis if (~flagged).any() else torch.zeros(1))
-    poison_fit = _robust_normal(torch.cat([fs, fc[flagged]]) @ axis)
+    clean_fit = robust_normal(fc[~flagged] @ axis if (~flagged).any() else torch.zeros(1))
+    poison_fit = robust_normal(torch.cat([fs, fc[flagged]]) @ axis)
     # a handful of poison samples (one-shot) say little about the poison's spread: the clean one's, then
     floor = clean_fit[1] if len(fs) + int(flagged.sum()) < 5 else 1e-3
     poison_fit = (poison_fit[0], max(poison_fit[1], floor))
@@ -92,10 +92,10 @@ def fit_expansion(forget_features: Tensor, candidate_features: Tensor, precision
     return ExpansionRule(poison, clean, clean_fit, poison_fit, prior, precision)
 
 
-def _robust_normal(values: Tensor) -> tuple[float, float]:
-    """(median, σ from the MAD) of ``values``; σ at least 1e-3."""
+def robust_normal(values: Tensor, floor: float = 1e-3) -> tuple[float, float]:
+    """(median, σ from the MAD) of ``values``; σ at least ``floor``."""
     med = values.median()
-    return float(med), max(float((values - med).abs().median()) * 1.4826, 1e-3)
+    return float(med), max(float((values - med).abs().median()) * 1.4826, floor)
 
 
 def expand_mask(forget_features: Tensor, candidate_features: Tensor, precision: float = 0.9) -> Tensor:

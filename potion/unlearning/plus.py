@@ -55,11 +55,12 @@ Tensor = torch.Tensor
 Batches = list[tuple[Tensor, Tensor]]
 
 
-def kept_rows(batches: Sequence, keep: Tensor, size: int, shuffle_seed: int | None = None) -> Batches:
-    """The kept rows of ``batches`` (``keep`` over all their rows, in order, or in a seeded
-    random order with ``shuffle_seed``), re-cut every ``size``."""
+def kept_rows(batches: Sequence, keep: Tensor | None, size: int, shuffle_seed: int | None = None) -> Batches:
+    """The kept rows of ``batches`` (``keep`` over all their rows, None: all), in order or in a
+    seeded random order with ``shuffle_seed``, re-cut every ``size``."""
     x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
-    x, y = x[keep.to(x.device)], y[keep.to(y.device)]
+    if keep is not None:
+        x, y = x[keep.to(x.device)], y[keep.to(y.device)]
     if shuffle_seed is not None:
         order = torch.randperm(len(y), generator=torch.Generator().manual_seed(shuffle_seed))
         x, y = x[order.to(x.device)], y[order.to(y.device)]
@@ -118,12 +119,12 @@ def grow_mask(model: torch.nn.Module, forget_batches: Sequence, suspect_batches:
     return rules, mask
 
 
-def _labelled(batches: Sequence, targets: Tensor, inside: bool = True) -> Batches:
-    """The rows of ``batches`` whose label is (``inside``) or is not one of ``targets``, per
-    batch; batches left empty are dropped."""
+def _other_labels(batches: Sequence, targets: Tensor) -> Batches:
+    """The rows of ``batches`` whose label is not one of ``targets``, per batch; batches left
+    empty are dropped."""
     out = []
     for x, y in batches:
-        t = torch.isin(y.cpu(), targets) == inside
+        t = ~torch.isin(y.cpu(), targets)
         if t.any():
             out.append((x[t.to(x.device)], y[t.to(y.device)]))
     return out
@@ -143,7 +144,7 @@ def _expansion(ctx: HealContext) -> tuple[PoisonRules | None, Tensor | None, dic
     ctx.model.load_state_dict(ctx.state0)
     null = None
     if cfg.expand_blocks and ctx.proxy_batches:
-        null = _labelled(ctx.proxy_batches, _targets(ctx), inside=False)
+        null = _other_labels(ctx.proxy_batches, _targets(ctx))
     rules, mask = grow_mask(ctx.model, ctx.forget_batches, ctx.suspect_batches, cfg.expand_precision, ctx.device,
                             null_batches=null, block_precision=cfg.expand_blocks_precision)
     found = torch.nonzero(mask).flatten().tolist()
