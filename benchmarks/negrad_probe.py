@@ -36,14 +36,8 @@ def main(argv=None) -> None:
                     help="batch norm: Dr and Sf forwarded apart (default), in one batch, or Sf without "
                          "updating the running statistics")
     args = ap.parse_args(argv)
-    torch.manual_seed(0)
-    inp = RunSource(args.run).load()
-    poison = np.flatnonzero(inp.poisoned_mask)
-    sf = np.sort(np.random.default_rng(1).choice(poison, max(1, round(args.share * len(poison))), replace=False))
-    dr = np.setdiff1d(np.arange(inp.n_train), sf)
+    inp, poison, sf, dr, before, (xf, yf) = load_case(args.run, args.share)
     rng = np.random.default_rng(0)
-    before = measure(inp.model, inp, 512, "cpu")
-    xf, yf = next(iter(inp.train.subset(sf).batches(len(sf))))
     # in train mode, as fine-tuning runs: with BN's statistics frozen at θ0's the ascent on Sf
     # wrecked the MNIST model (clean accuracy 0.17)
     model = copy.deepcopy(inp.model).train()
@@ -71,12 +65,27 @@ def main(argv=None) -> None:
         loss.backward()
         opt.step()
     model.eval()
+    print_outcome(inp, model, before, f"Sf {len(sf)} of {len(poison)} poisoned", time.time() - t)
+
+
+def load_case(run: str, share: float):
+    """The run, its poison, Sf (a seeded share of it), Dr (the rest), θ0's metrics and Sf's rows."""
+    torch.manual_seed(0)
+    inp = RunSource(run).load()
+    poison = np.flatnonzero(inp.poisoned_mask)
+    sf = np.sort(np.random.default_rng(1).choice(poison, max(1, round(share * len(poison))), replace=False))
+    dr = np.setdiff1d(np.arange(inp.n_train), sf)
+    before = measure(inp.model, inp, 512, "cpu")
+    return inp, poison, sf, dr, before, next(iter(inp.train.subset(sf).batches(len(sf))))
+
+
+def print_outcome(inp, model, before: dict, head: str, took: float) -> None:
+    """Before/after clean_acc, ra, asr and healed %, then the damage and the time."""
     after = measure(model, inp, 512, "cpu")
     for name, m in (("before", before), ("after", after)):
         print(f"{name}: clean_acc {m['clean_acc']:.4f} ra {m['ra']:.4f} asr {m['asr']:.4f} "
               f"healed {poison_healed(m['ra'], m['clean_acc']):.1f} %")
-    print(f"Sf {len(sf)} of {len(poison)} poisoned; damage {model_damage(after['clean_acc'], before['clean_acc']):+.2f} "
-          f"points; {time.time() - t:.0f} s")
+    print(f"{head}; damage {model_damage(after['clean_acc'], before['clean_acc']):+.2f} points; {took:.0f} s")
 
 
 if __name__ == "__main__":

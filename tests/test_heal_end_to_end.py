@@ -15,20 +15,22 @@ deletion set of 30 % of the poison (22 samples), for seeds 0–4 of poison draw 
       potion heal --run r$s --discovery-share 0.3 --tracking-uri none --cache-dir none --out h$s
     done
 
-measured 2026-12-03 (step: NegGrad+ kept, or the guard's dampening, k = the paper's k* or a
-partial step below it; Sf: the deletion set as grown), and ``--method xlf_ptn_guard`` beside it:
+measured 2026-12-03 17:55 UTC with the trigger transplant (step: NegGrad+ kept, or the guard's
+dampening, k = the paper's k* or a partial step below it; Sf: the deletion set as grown), and
+``--method xlf_ptn_guard`` beside it (measured the same day, before the transplant, which it
+does not use):
 
     seed  Sf  step          asr before→after  poison_healed before→after  clean_acc before→after  guard: healed, clean_acc
-    0     50  NegGrad+      0.948 → 0.012     14.9 → 97.5                 0.9861 → 0.9917         76.3, 0.9833
+    0     50  NegGrad+      0.948 → 0.000     14.9 → 100.0                0.9861 → 0.9917         76.3, 0.9833
     1     46  k=16 partial  0.988 → 0.519     11.3 → 53.4                 0.9806 → 0.9778         78.0, 0.9722
     2     28  k=28 partial  0.997 → 0.176     10.4 → 84.7                 0.9889 → 0.9778         85.5, 0.9750
-    3     55  NegGrad+      1.000 → 0.068     10.2 → 93.8                 0.9833 → 0.9889         72.2, 0.9778
+    3     55  NegGrad+      1.000 → 0.006     10.2 → 98.9                 0.9833 → 0.9889         72.2, 0.9778
     4     33  k=30 partial  1.000 → 0.537     10.1 → 52.8                 0.9917 → 0.9778         61.9, 0.9694
 
 so the bounds leave a margin beyond the worst seed: asr after < 0.75 (worst 0.537), poison
 healed > 35 (worst 52.8), clean accuracy within 3 points of θ0's (worst −1.4). θ0 itself
 fails the first two (asr ≥ 0.94, poison healed ≤ 14.9). On these seeds the default healed
-76.4 % at −0.33 points on average against the guard's 74.8 % at −1.06; where its Sf stayed
+78.0 % at −0.33 points on average against the guard's 74.8 % at −1.06; where its Sf stayed
 under NegGrad+'s 50 samples it dampened the grown set and healed less than the guard on two
 seeds (1 and 4). The paper-exact ``xlf_ptn`` healed more (80.7–103.8 on the seeds of
 2026-11-29) at up to −11.7 points of clean accuracy.

@@ -156,6 +156,10 @@ def test_neggrad_forgets_the_backdoor_and_hands_back_the_model_at_every_check():
     assert seen == [(10, False), (20, False), (25, False)]
     _, asr = scores(m, m.state_dict(), case["test"])
     assert asr0 > 0.9 and asr < 0.5 * asr0, (asr0, asr)
+    # checks from a later update on (plus.neggrad_check_from), and always after the last
+    later = list(neggrad_steps(m, repair, x[case["forget"]], y[case["forget"]], steps=25, lr=0.01, ascent=0.5,
+                               cap=5.0, forget_batch=8, check_every=5, first_check=12))
+    assert later == [15, 20, 25]
 
 
 def test_neggrad_is_kept_only_within_the_guards_delta():
@@ -186,7 +190,8 @@ def test_neggrad_is_kept_only_within_the_guards_delta():
 def test_plus_config_rejects_bad_values():
     for bad in (dict(rounds=0), dict(repair_steps=-1), dict(expand_precision=1.0), dict(repair_lr=0.0),
                 dict(repair_tolerance=2.0), dict(rounds=True), dict(neggrad_steps=-1), dict(neggrad_lr=0),
-                dict(neggrad_holdout=1.0), dict(neggrad_cap=float("nan")), dict(neggrad_check=0)):
+                dict(neggrad_holdout=1.0), dict(neggrad_cap=float("nan")), dict(neggrad_check=0),
+                dict(neggrad_check_from=1.0), dict(neggrad_transplant=-1)):
         with pytest.raises(PotionError, match="plus\\."):
             PlusConfig(**bad)
     with pytest.raises(PotionError, match="clean proxy"):
@@ -284,8 +289,12 @@ def test_the_repair_images_are_read_a_pass_at_a_time_with_the_flagged_ones_left_
         def flag(self, model, bs, device):
             return torch.ones(sum(len(b[1]) for b in bs), dtype=torch.bool)
 
-    repair, kept, dropped = _repair_set(ctx, FlagAll(), torch.tensor([0]))
+    repair, kept, dropped, clean = _repair_set(ctx, FlagAll(), torch.tensor([0]))
     assert len(calls) == 1 and (kept, dropped) == (100, 20)  # the flagging pass
+    # the clean side of the trigger's estimate: the kept rows only, from the same pass
+    kept_x = x[rows[20:]]
+    assert clean.count == 100 and torch.allclose(clean.mean, kept_x.mean(0), atol=1e-6)
+    assert torch.equal(clean.low, kept_x.amin(0)) and torch.equal(clean.high, kept_x.amax(0))
     first, second = list(repair()), list(repair())
     assert len(calls) == 3 and all(torch.equal(a[0], b[0]) for a, b in zip(first, second))
     assert int(sum((yb == 0).sum() for _, yb in first)) == 0 and sum(len(yb) for _, yb in first) == 100
@@ -313,7 +322,8 @@ def test_a_repair_source_that_reorders_between_passes_is_refused():
 
     ctx = case["ctx"](PlusConfig())
     ctx.repair_batches = reshuffled
-    repair, kept, _ = _repair_set(ctx, None, torch.tensor([0]))
+    repair, kept, _, _ = _repair_set(ctx, None, torch.tensor([0]))
     assert kept == len(y)
     with pytest.raises(PotionError, match="another order"):
         list(repair())
+

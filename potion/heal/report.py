@@ -91,10 +91,12 @@ def plus_story(report: dict) -> str:
         parts.append(f"NegGrad+ was skipped ({grown} samples, fewer than plus.neggrad_min_forget="
                      f"{p.get('neggrad_min_forget')} to hold a fifth out), so {dampened}")
     elif kept:
-        parts.append(f"NegGrad+ (training on clean images while unlearning the deletion set) was kept at update "
-                     f"{kept['step']} of {p.get('neggrad_steps')}: the {ng.get('held_out')} held-out deletion samples "
-                     f"fell to {kept['acc_held_out']:.3f} accuracy (stop line {ng['threshold']:.3f}) at proxy damage "
-                     f"{kept['damage']:+.2f} points, within δ={delta:g}; no dampening was needed")
+        pasted = (f", {ng['transplant']} of them per update with the trigger estimated from the deletion set "
+                  f"pasted on" if ng.get("transplant") else "")
+        parts.append(f"NegGrad+ (training on clean images{pasted} while unlearning the deletion set) was kept at "
+                     f"update {kept['step']} of {p.get('neggrad_steps')}: the {ng.get('held_out')} held-out deletion "
+                     f"samples fell to {kept['acc_held_out']:.3f} accuracy (stop line {ng['threshold']:.3f}) at proxy "
+                     f"damage {kept['damage']:+.2f} points, within δ={delta:g}; no dampening was needed")
     else:
         parts.append(f"NegGrad+ was not kept ({ng.get('reason')}), so {dampened}")
     return "; ".join(parts) + "."

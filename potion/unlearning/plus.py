@@ -7,10 +7,12 @@ repair (beyond the paper; docs/method.md).
    found poison stands apart most (:mod:`potion.unlearning.block_scan`); I_f is then
    measured on the grown set.
 2. NegGrad+ (:mod:`potion.unlearning.neggrad`) on the grown Sf, from θ0, with a share of Sf
-   held out of its updates. Every few updates the held-out part of Sf and the clean proxy
-   are measured; the latest check within δ of proxy damage whose held-out accuracy crosses
-   ρ · (its accuracy at θ0) is kept, and the heal ends there, with no importance pass at
-   all. Otherwise the heal goes on as without it:
+   held out of its updates and, beside each clean batch, clean images with the trigger
+   estimated from Sf pasted on (:mod:`potion.unlearning.transplant`). Every few updates in
+   the second half of its schedule the held-out part of Sf and the clean proxy are measured;
+   the latest check within δ of proxy damage whose held-out accuracy crosses ρ · (its
+   accuracy at θ0) is kept, and the heal ends there, with no importance pass at all.
+   Otherwise the heal goes on as without it:
 3. Round 1 is the guard's search on the grown Sf (by default the only one: further rounds and
    the repair healed no more, benchmarks/results/heal_more.md). Each further round recomputes I_f at the
    last round's θ and searches again within what is left of δ (I_r stays θ0's: recomputing
@@ -50,6 +52,7 @@ from potion.unlearning.methods import (
 from potion.unlearning.proxy_split import penultimate_features
 from potion.unlearning.ptn import NothingToHeal, PTNNoCrossing, StepResult
 from potion.unlearning.repair import guarded_repair
+from potion.unlearning.transplant import CleanStats, clean_stats, estimate_trigger, paste
 
 Tensor = torch.Tensor
 Batches = list[tuple[Tensor, Tensor]]
@@ -130,6 +133,15 @@ def _other_labels(batches: Sequence, targets: Tensor) -> Batches:
     return out
 
 
+def _flagged(ctx: HealContext, rules: PoisonRules | None, x: Tensor, y: Tensor, targets: Tensor) -> Tensor:
+    """Which rows of one batch are target-labelled and poison-like to the rules (the model at θ0)."""
+    flag = torch.zeros(len(y), dtype=torch.bool)
+    is_t = torch.isin(y.cpu(), targets)
+    if rules is not None and is_t.any():
+        flag[is_t] = rules.flag(ctx.model, [(x[is_t.to(x.device)], y[is_t.to(y.device)])], ctx.device)
+    return flag
+
+
 def _targets(ctx: HealContext) -> Tensor:
     """The labels of Sf: the poison's target labels."""
     return torch.unique(torch.cat([y.reshape(-1).cpu() for _, y in ctx.forget_batches]))
@@ -155,22 +167,26 @@ def _expansion(ctx: HealContext) -> tuple[PoisonRules | None, Tensor | None, dic
     return rules, mask, record
 
 
-def _repair_set(ctx: HealContext, rules: PoisonRules | None, targets: Tensor) -> tuple[Any, int, int]:
+def _repair_set(ctx: HealContext, rules: PoisonRules | None,
+                targets: Tensor) -> tuple[Any, int, int, CleanStats | None]:
     """The repair's clean images as a fresh pass per call, in the same order, one batch in memory
     at a time (ILSVRC's 12,800 would be 7.7 GB as tensors): target-labelled ones the rules call
-    poison-like at θ0 are left out, found in one first pass. Also how many are kept and dropped."""
+    poison-like at θ0 are left out, found in one first pass. Also how many are kept and dropped,
+    and the kept images' statistics (the clean side of the trigger's estimate)."""
     if ctx.repair_batches is None:
-        return None, 0, 0
+        return None, 0, 0, None
     ctx.model.load_state_dict(ctx.state0)
     ctx.model.eval()
     drops, labels = [], []
-    for x, y in ctx.repair_batches():
-        drop = torch.zeros(len(y), dtype=torch.bool)
-        is_t = torch.isin(y.cpu(), targets)
-        if rules is not None and is_t.any():
-            drop[is_t] = rules.flag(ctx.model, [(x[is_t.to(x.device)], y[is_t.to(y.device)])], ctx.device)
-        drops.append(drop)
-        labels.append(y.cpu())
+
+    def first_pass():
+        for x, y in ctx.repair_batches():
+            drop = _flagged(ctx, rules, x, y, targets)
+            drops.append(drop)
+            labels.append(y.cpu())
+            yield x[(~drop).to(x.device)]
+
+    stats = clean_stats(first_pass())
 
     def passes():
         for (x, y), drop, seen in zip(ctx.repair_batches(), drops, labels):
@@ -182,7 +198,7 @@ def _repair_set(ctx: HealContext, rules: PoisonRules | None, targets: Tensor) ->
                 yield x[keep.to(x.device)].to(ctx.device), y[keep.to(y.device)].to(ctx.device)
 
     dropped = int(sum(int(d.sum()) for d in drops))
-    return passes, sum(len(d) for d in drops) - dropped, dropped
+    return passes, sum(len(d) for d in drops) - dropped, dropped, stats
 
 
 def _pick(options: list[tuple[str, dict, StepResult, float]], threshold: float, delta: float, tolerance: float):
@@ -214,12 +230,12 @@ def _potion_plus(ctx: HealContext) -> HealResult:
         grown = torch.cat([torch.ones(n_forget, dtype=torch.bool), mask])
         forget = kept_rows(list(ctx.forget_batches) + list(ctx.suspect_batches), grown, size)
         n_forget += int(mask.sum())
-    repair, n_repair, dropped = _repair_set(ctx, rule, targets) if cfg.clean_steps else (None, 0, 0)
+    repair, n_repair, dropped, clean = _repair_set(ctx, rule, targets) if cfg.clean_steps else (None, 0, 0, None)
     plus_info = {**dataclasses.asdict(cfg), "expansion": expansion, "n_forget_grown": n_forget,
                  "repair_dropped": dropped, "repair_images": n_repair}
     if cfg.neggrad_steps and n_repair and n_forget >= cfg.neggrad_min_forget:
         t_ng = time.perf_counter()
-        state, plus_info["neggrad"] = _neggrad(ctx, forget, n_forget, repair)
+        state, plus_info["neggrad"] = _neggrad(ctx, forget, n_forget, repair, clean)
         if state is not None:
             info = {"estimator": None, "step": "neggrad", "acc0": plus_info["neggrad"]["acc0"],
                     "threshold": plus_info["neggrad"]["threshold"], "plus": plus_info}
@@ -306,12 +322,18 @@ def _holdout(forget: Sequence, share: float, seed: int) -> tuple[Tensor, Tensor,
     return x[keep], y[keep], kept_rows(forget, out, max(len(b[1]) for b in forget))
 
 
-def _neggrad(ctx: HealContext, forget: Sequence, n_forget: int, repair) -> tuple[dict | None, dict]:
+def _neggrad(ctx: HealContext, forget: Sequence, n_forget: int, repair,
+             clean: CleanStats | None) -> tuple[dict | None, dict]:
     """NegGrad+ from θ0, measured every few updates: its latest check within δ whose held-out
     accuracy crosses ρ · the held-out part's accuracy at θ0, else None; and the record of
     every check."""
     cfg, delta = ctx.plus, ctx.guard.max_damage
     fx, fy, held = _holdout(forget, cfg.neggrad_holdout, seed=0)
+    paste_fn = None
+    if cfg.neggrad_transplant and clean is not None:
+        # from the rows it updates on: the held-out ones must not have been seen at all
+        trigger = estimate_trigger(fx, clean)
+        paste_fn = lambda x: paste(x, trigger, clean)  # noqa: E731
     ev = StepEvaluator(ctx.model, ctx.state0, None, None, forget, n_forget, ctx.n_total, ctx.ptn,
                        device=ctx.device, fast=ctx.fast_eval, proxy_batches=ctx.proxy_batches)
     base, acc0 = ev.proxy_base, float(ev.acc0)  # both at θ0, before any update
@@ -320,12 +342,15 @@ def _neggrad(ctx: HealContext, forget: Sequence, n_forget: int, repair) -> tuple
     held0 = batches_accuracy(ctx.model, held, ctx.device, ctx.fast_eval)
     threshold = ctx.ptn.rho * held0
     record: dict[str, Any] = {"acc0": acc0, "held_out": sum(len(y) for _, y in held), "acc0_held_out": held0,
-                              "threshold": threshold, "checks": [], "picked": None}
+                              "threshold": threshold, "checks": [], "picked": None,
+                              "transplant": cfg.neggrad_transplant if paste_fn is not None else 0}
     kept: dict | None = None
     low: float | None = None  # the lowest held-out accuracy within δ, for the reason
     for step in neggrad_steps(ctx.model, repair, fx, fy, steps=cfg.neggrad_steps, lr=cfg.neggrad_lr,
                               ascent=cfg.neggrad_ascent, cap=cfg.neggrad_cap, forget_batch=cfg.neggrad_forget_batch,
-                              check_every=cfg.neggrad_check, device=ctx.device):
+                              check_every=cfg.neggrad_check, first_check=int(cfg.neggrad_check_from * cfg.neggrad_steps),
+                              device=ctx.device, paste=paste_fn,
+                              paste_rows=cfg.neggrad_transplant):
         # measured in place; the weights are copied only when the check qualifies
         r = ev.evaluate_state(ctx.model.state_dict(), step)
         check = {"step": step, "acc_held_out": batches_accuracy(ctx.model, held, ctx.device, ctx.fast_eval),
