@@ -179,6 +179,11 @@ def test_neggrad_is_kept_only_within_the_guards_delta():
     assert loose.info["step"] == "neggrad" and ng["picked"] is not None
     picked = next(c for c in ng["checks"] if c["step"] == ng["picked"])
     assert picked["damage"] >= -10.0 and picked["acc_held_out"] <= ng["threshold"]
+    # the stop line allows for Sf's target-class share: ρ·acc0 + (1 − ρ)·floor, the floor being
+    # the clean repair images' share under the target label (a third of the toy's)
+    rho = PTNConfig(step=1.5, max_steps=100).rho  # the toy context's
+    assert 0.2 < ng["floor"] < 0.5
+    assert ng["threshold"] == pytest.approx(rho * ng["acc0_held_out"] + (1 - rho) * ng["floor"])
     _, asr = scores(m, loose.state_dict, case["test"])
     assert asr < 0.5 * asr0, (asr0, asr)
     # the kept check is the latest that qualifies (within δ, held-out share crossed): the
@@ -289,7 +294,8 @@ def test_the_repair_images_are_read_a_pass_at_a_time_with_the_flagged_ones_left_
         def flag(self, model, bs, device):
             return torch.ones(sum(len(b[1]) for b in bs), dtype=torch.bool)
 
-    repair, kept, dropped, clean = _repair_set(ctx, FlagAll(), torch.tensor([0]))
+    repair, kept, dropped, clean, share = _repair_set(ctx, FlagAll(), torch.tensor([0]))
+    assert share == 0.0  # the 20 target-labelled rows were all dropped
     assert len(calls) == 1 and (kept, dropped) == (100, 20)  # the flagging pass
     # the clean side of the trigger's estimate: the kept rows only, from the same pass
     kept_x = x[rows[20:]]
@@ -322,7 +328,8 @@ def test_a_repair_source_that_reorders_between_passes_is_refused():
 
     ctx = case["ctx"](PlusConfig())
     ctx.repair_batches = reshuffled
-    repair, kept, _, _ = _repair_set(ctx, None, torch.tensor([0]))
+    repair, kept, _, _, share = _repair_set(ctx, None, torch.tensor([0]))
+    assert share == pytest.approx(float((y == 0).float().mean()))
     assert kept == len(y)
     with pytest.raises(PotionError, match="another order"):
         list(repair())
