@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import torch
 
@@ -168,15 +168,25 @@ def _expansion(ctx: HealContext) -> tuple[PoisonRules | None, Tensor | None, dic
     return rules, mask, record
 
 
-def _repair_set(ctx: HealContext, rules: PoisonRules | None,
-                targets: Tensor) -> tuple[Any, int, int, CleanStats | None, float]:
+class RepairSet(NamedTuple):
+    """The clean retain images NegGrad+ and the repair train on, and what the first pass saw."""
+
+    passes: Callable[[], Iterator[tuple[Tensor, Tensor]]] | None  # a fresh pass per call
+    kept: int
+    dropped: int  # target-labelled images the rules flagged
+    clean: CleanStats | None  # the kept images' statistics: the clean side of the trigger's estimate
+    target_share: float  # the kept images' share under a target label
+
+
+NO_REPAIR = RepairSet(None, 0, 0, None, 0.0)
+
+
+def _repair_set(ctx: HealContext, rules: PoisonRules | None, targets: Tensor) -> RepairSet:
     """The repair's clean images as a fresh pass per call, in the same order, one batch in memory
     at a time (ILSVRC's 12,800 would be 7.7 GB as tensors): target-labelled ones the rules call
-    poison-like at θ0 are left out, found in one first pass. Also how many are kept and dropped,
-    the kept images' statistics (the clean side of the trigger's estimate) and the share of them
-    under a target label."""
+    poison-like at θ0 are left out, found in one first pass."""
     if ctx.repair_batches is None:
-        return None, 0, 0, None, 0.0
+        return NO_REPAIR
     ctx.model.load_state_dict(ctx.state0)
     ctx.model.eval()
     drops, labels = [], []
@@ -202,7 +212,7 @@ def _repair_set(ctx: HealContext, rules: PoisonRules | None,
     dropped = int(sum(int(d.sum()) for d in drops))
     kept = sum(len(d) for d in drops) - dropped
     in_target = sum(int((torch.isin(lbl, targets) & ~d).sum()) for lbl, d in zip(labels, drops))
-    return passes, kept, dropped, stats, in_target / kept if kept else 0.0
+    return RepairSet(passes, kept, dropped, stats, in_target / kept if kept else 0.0)
 
 
 def _pick(options: list[tuple[str, dict, StepResult, float]], threshold: float, delta: float, tolerance: float):
@@ -234,13 +244,12 @@ def _potion_plus(ctx: HealContext) -> HealResult:
         grown = torch.cat([torch.ones(n_forget, dtype=torch.bool), mask])
         forget = kept_rows(list(ctx.forget_batches) + list(ctx.suspect_batches), grown, size)
         n_forget += int(mask.sum())
-    repair, n_repair, dropped, clean, target_share = (_repair_set(ctx, rule, targets) if cfg.clean_steps
-                                                      else (None, 0, 0, None, 0.0))
+    repair = _repair_set(ctx, rule, targets) if cfg.clean_steps else NO_REPAIR
     plus_info = {**dataclasses.asdict(cfg), "expansion": expansion, "n_forget_grown": n_forget,
-                 "repair_dropped": dropped, "repair_images": n_repair}
-    if cfg.neggrad_steps and n_repair and n_forget >= cfg.neggrad_min_forget:
+                 "repair_dropped": repair.dropped, "repair_images": repair.kept}
+    if cfg.neggrad_steps and repair.kept and n_forget >= cfg.neggrad_min_forget:
         t_ng = time.perf_counter()
-        state, plus_info["neggrad"] = _neggrad(ctx, forget, n_forget, repair, clean, target_share)
+        state, plus_info["neggrad"] = _neggrad(ctx, forget, n_forget, repair)
         if state is not None:
             info = {"estimator": None, "step": "neggrad", "acc0": plus_info["neggrad"]["acc0"],
                     "threshold": plus_info["neggrad"]["threshold"], "plus": plus_info}
@@ -276,7 +285,7 @@ def _potion_plus(ctx: HealContext) -> HealResult:
         if cfg.rounds == 1 and not cfg.repair_steps:  # the guard's step as it chose it
             state = res.state_dict
             break
-        chosen = _round(ctx, ev0, ev, res, list(repair()) if cfg.repair_steps and n_repair else [], delta)
+        chosen = _round(ctx, ev0, ev, res, list(repair.passes()) if cfg.repair_steps and repair.kept else [], delta)
         if chosen is None:
             break
         state = chosen[1]
@@ -327,13 +336,12 @@ def _holdout(forget: Sequence, share: float, seed: int) -> tuple[Tensor, Tensor,
     return x[keep], y[keep], kept_rows(forget, out, max(len(b[1]) for b in forget))
 
 
-def _neggrad(ctx: HealContext, forget: Sequence, n_forget: int, repair, clean: CleanStats | None,
-             target_share: float = 0.0) -> tuple[dict | None, dict]:
+def _neggrad(ctx: HealContext, forget: Sequence, n_forget: int, repair: RepairSet) -> tuple[dict | None, dict]:
     """NegGrad+ from θ0, measured every few updates: its latest check within δ whose held-out
     accuracy crosses the stop line, else None; and the record of every check.
 
     The stop line is ρ · acc0 of the held-out rows' accuracy in excess of a floor: poison made
-    from target-class images (about ``target_share`` of it, the clean images' share under the
+    from target-class images (about ``repair.target_share`` of it, the clean images' share under the
     target label) keeps its label in a healed model. (acc − π) ≤ ρ · (acc0 − π), i.e.
     acc ≤ ρ · acc0 + (1 − ρ) · π. Measured: on the cifar10-cpu BadNet model at 100 %, whose
     backdoor acts on 60 % of Sf, the held-out accuracy stayed at 0.15 against ρ · acc0 = 0.12
@@ -341,6 +349,7 @@ def _neggrad(ctx: HealContext, forget: Sequence, n_forget: int, repair, clean: C
     cfg, delta = ctx.plus, ctx.guard.max_damage
     fx, fy, held = _holdout(forget, cfg.neggrad_holdout, seed=0)
     paste_fn = None
+    clean = repair.clean
     if cfg.neggrad_transplant and clean is not None:
         # from the rows it updates on: the held-out ones must not have been seen at all
         trigger = estimate_trigger(fx, clean)
@@ -351,14 +360,14 @@ def _neggrad(ctx: HealContext, forget: Sequence, n_forget: int, repair, clean: C
     ctx.model.load_state_dict(ctx.state0)
     ctx.model.eval()
     held0 = batches_accuracy(ctx.model, held, ctx.device, ctx.fast_eval)
-    floor = min(target_share, held0)
+    floor = min(repair.target_share, held0)
     threshold = ctx.ptn.rho * held0 + (1 - ctx.ptn.rho) * floor
     record: dict[str, Any] = {"acc0": acc0, "held_out": sum(len(y) for _, y in held), "acc0_held_out": held0,
                               "threshold": threshold, "floor": floor, "checks": [], "picked": None,
                               "transplant": cfg.neggrad_transplant if paste_fn is not None else 0}
     kept: dict | None = None
     low: float | None = None  # the lowest held-out accuracy within δ, for the reason
-    for step in neggrad_steps(ctx.model, repair, fx, fy, steps=cfg.neggrad_steps, lr=cfg.neggrad_lr,
+    for step in neggrad_steps(ctx.model, repair.passes, fx, fy, steps=cfg.neggrad_steps, lr=cfg.neggrad_lr,
                               ascent=cfg.neggrad_ascent, cap=cfg.neggrad_cap, forget_batch=cfg.neggrad_forget_batch,
                               check_every=cfg.neggrad_check, first_check=int(cfg.neggrad_check_from * cfg.neggrad_steps),
                               device=ctx.device, paste=paste_fn,
