@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from potion.errors import PotionError
 from potion.unlearning.methods import METHODS, HealContext, heal
-from potion.unlearning.plus import kept_rows
+from potion.unlearning.rows import kept_rows
 from potion.unlearning.ptn import PTNConfig
 
 __all__ = ["Healed", "heal_model"]

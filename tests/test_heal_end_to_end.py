@@ -15,8 +15,10 @@ deletion set of 30 % of the poison (22 samples), for seeds 0–4 of poison draw 
       potion heal --run r$s --discovery-share 0.3 --tracking-uri none --cache-dir none --out h$s
     done
 
-measured 2026-12-03 17:55 UTC with the trigger transplant (step: NegGrad+ kept, or the guard's
-dampening, k = the paper's k* or a partial step below it; Sf: the deletion set as grown), and
+measured 2026-12-03 17:55 UTC with the trigger transplant, and again at 20:52 UTC with the
+erosion control, the lazy checks and channels-last updates: the same on every seed (step:
+NegGrad+ kept, or the guard's dampening, k = the paper's k* or a partial step below it; Sf:
+the deletion set as grown), and
 ``--method xlf_ptn_guard`` beside it (measured the same day, before the transplant, which it
 does not use):
 

@@ -169,11 +169,15 @@ def test_neggrad_is_kept_only_within_the_guards_delta():
     case = toy_case()
     m = case["model"]
     _, asr0 = scores(m, case["theta0"], case["test"])
-    strong = PlusConfig(neggrad_lr=0.01, neggrad_ascent=0.5, neggrad_min_forget=20)
+    # the erosion control is off here: this is the raw proxy reading against δ (the control
+    # is tested below)
+    strong = PlusConfig(neggrad_lr=0.01, neggrad_ascent=0.5, neggrad_min_forget=20, neggrad_erosion=False)
     tight = heal("potion_plus", case["ctx"](strong))
     ng = tight.info["plus"]["neggrad"]
     assert tight.info["step"] == "dampening" and ng["picked"] is None
-    assert ng["checks"] and all(c["damage"] < -1.0 for c in ng["checks"])
+    measured = [c for c in ng["checks"] if "damage" in c]  # the proxy is measured under the stop line only
+    assert measured and all(c["damage"] < -1.0 and c["acc_held_out"] <= ng["threshold"] for c in measured)
+    assert "proxy damage beyond δ" in ng["reason"]
     loose = heal("potion_plus", case["ctx"](strong, guard=GuardConfig(max_damage=10.0)))
     ng = loose.info["plus"]["neggrad"]
     assert loose.info["step"] == "neggrad" and ng["picked"] is not None
@@ -187,9 +191,59 @@ def test_neggrad_is_kept_only_within_the_guards_delta():
     _, asr = scores(m, loose.state_dict, case["test"])
     assert asr < 0.5 * asr0, (asr0, asr)
     # the kept check is the latest that qualifies (within δ, held-out share crossed): the
-    # rate has decayed furthest there
-    qualifying = [c["step"] for c in ng["checks"] if c["damage"] >= -10.0 and c["acc_held_out"] <= ng["threshold"]]
-    assert ng["picked"] == max(qualifying)
+    # rate has decayed furthest there. The proxy is measured from the latest crossing check
+    # back, so no check before the kept one costs a proxy pass
+    later = [c for c in ng["checks"] if c["step"] > ng["picked"] and c["acc_held_out"] <= ng["threshold"]]
+    assert all(c["damage"] < -10.0 for c in later)
+    assert not any("damage" in c for c in ng["checks"] if c["step"] < ng["picked"])
+
+
+def test_erosion_control_keeps_a_neggrad_whose_proxy_damage_is_the_fine_tunes_own():
+    """The proxy is training images θ0 memorised; fine-tuning on other images erodes that, and
+    the proxy reads it as damage. On toy seed 1 every NegGrad+ check reads more than δ = 1
+    (the last −1.61): refused without the control. The same schedule without the unlearning
+    costs the proxy as much (−2.15), so with the control the last check is kept, and on the
+    test split it heals (ASR to near 0) at no cost in clean accuracy. On seed 2 the proxy reads
+    −9.8 against the control's −1.0: still refused."""
+    case = toy_case(seed=1)
+    m = case["model"]
+    clean0, asr0 = scores(m, case["theta0"], case["test"])
+    strong = dict(neggrad_lr=0.01, neggrad_ascent=0.5, neggrad_min_forget=20)
+    off = heal("potion_plus", case["ctx"](PlusConfig(**strong, neggrad_erosion=False)))
+    assert off.info["step"] == "dampening"
+    on = heal("potion_plus", case["ctx"](PlusConfig(**strong)))
+    ng = on.info["plus"]["neggrad"]
+    assert on.info["step"] == "neggrad" and ng["erosion_control"] and "erosion" in ng["reason"]
+    kept = next(c for c in ng["checks"] if c["step"] == ng["picked"])
+    assert kept["damage"] < -1.0 <= kept["damage"] - kept["erosion"], kept
+    clean, asr = scores(m, on.state_dict, case["test"])
+    assert asr < 0.1 < asr0 and clean >= clean0 - 0.01, (clean0, clean, asr0, asr)
+    # real damage is not excused
+    bad = heal("potion_plus", toy_case(seed=2)["ctx"](PlusConfig(**strong)))
+    ng = bad.info["plus"]["neggrad"]
+    assert bad.info["step"] == "dampening" and ng["picked"] is None and "beyond the control" in ng["reason"]
+
+
+def test_the_story_says_how_much_damage_the_erosion_control_put_down_to_the_fine_tune():
+    from potion.heal.report import plus_story
+
+    check = {"step": 150, "acc_held_out": 0.13, "acc_forget": 0.06, "damage": -1.46, "erosion": -0.91}
+    report = {"deletion_set": {"size": 100}, "config": {"guard": {"max_damage": 1.0}},
+              "info": {"plus": {"expand": True, "n_forget_grown": 192, "neggrad_steps": 150,
+                                "expansion": {"candidates": 2000, "found": 92},
+                                "neggrad": {"checks": [check], "picked": 150, "threshold": 0.2, "held_out": 38,
+                                            "transplant": 48}}}}
+    story = plus_story(report)
+    assert "proxy damage -1.46 points, of which -0.91 a plain fine-tune" in story and "so -0.55 beyond it" in story
+    # and the MLflow plot draws what counts against δ beside the raw reading
+    from potion.tracking.plots import neggrad_figure
+
+    fig = neggrad_figure(report["info"]["plus"]["neggrad"], 1.0)
+    assert "erosion" in fig.axes[0].get_title()
+    net = next(line for line in fig.axes[1].get_lines() if "erosion" in line.get_label())
+    assert list(net.get_ydata()) == pytest.approx([-0.55])
+    del check["erosion"]
+    assert "plain fine-tune" not in plus_story(report)
 
 
 def test_plus_config_rejects_bad_values():

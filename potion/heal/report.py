@@ -64,6 +64,16 @@ def _neggrad_kept(report: dict) -> dict | None:
     return next((c for c in ng.get("checks") or [] if c.get("step") == ng.get("picked")), None)
 
 
+def _eroded(check: dict) -> str:
+    """How much of a kept NegGrad+ check's proxy damage the erosion control put down to the
+    fine-tune itself ('' when the control did not run)."""
+    e = check.get("erosion")
+    if e is None:
+        return ""
+    return (f", of which {e:+.2f} a plain fine-tune on the same clean images costs the proxy too (θ0's memory of "
+            f"its training images fading, which the test split does not see), so {check['damage'] - e:+.2f} beyond it")
+
+
 def plus_story(report: dict) -> str:
     """What potion_plus did beyond the guard, in plain words ('' for other methods): how far it
     grew the deletion set, and whether its NegGrad+ step was kept and why."""
@@ -96,7 +106,7 @@ def plus_story(report: dict) -> str:
         parts.append(f"NegGrad+ (training on clean images{pasted} while unlearning the deletion set) was kept at "
                      f"update {kept['step']} of {p.get('neggrad_steps')}: the {ng.get('held_out')} held-out deletion "
                      f"samples fell to {kept['acc_held_out']:.3f} accuracy (stop line {ng['threshold']:.3f}) at proxy "
-                     f"damage {kept['damage']:+.2f} points, within δ={delta:g}; no dampening was needed")
+                     f"damage {kept['damage']:+.2f} points{_eroded(kept)}, within δ={delta:g}; no dampening was needed")
     else:
         parts.append(f"NegGrad+ was not kept ({ng.get('reason')}), so {dampened}")
     return "; ".join(parts) + "."

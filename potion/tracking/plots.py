@@ -116,13 +116,19 @@ def neggrad_figure(record: Mapping[str, Any], max_damage: float):
         ax.axhline(threshold, color="gray", ls="--", lw=1, label=f"stop line ρ·acc0 = {threshold:.3f}")
     pts = [(c["step"], c["damage"]) for c in checks if c.get("damage") is not None]
     _damage_panel(dx, pts, max_damage, "proxy damage", "lower right")
+    net = [(c["step"], c["damage"] - c["erosion"]) for c in checks if c.get("erosion") is not None]
+    if net:  # the erosion control ran (potion.unlearning.neggrad_guard): what counts against δ
+        dx.plot(*zip(*net), "v--", ms=4, color="tab:olive", label="beyond a plain fine-tune's erosion")
+        dx.legend(fontsize=7, loc="lower right")
     if picked is not None:
         _vline([ax, dx], picked, "red", "-", f"kept update {picked}")
     ax.set_ylabel("accuracy")
     ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=7, loc="upper right")  # the accuracies start high on the left and fall
     dx.set_xlabel("NegGrad+ update (clean batch descended, deletion set ascended)")
-    ax.set_title(f"Kept update {picked}: the latest check within δ below the stop line" if picked is not None
+    eroded = any(c["step"] == picked and c.get("erosion") is not None for c in checks)
+    beyond = " beyond a plain fine-tune's erosion" if eroded else ""
+    ax.set_title(f"Kept update {picked}: the latest check within δ{beyond} below the stop line" if picked is not None
                  else "No update kept: the heal went on to dampening", fontsize=10)
     fig.tight_layout()
     return fig

@@ -225,7 +225,7 @@ class SearchTracker:
                 continue
             chosen = c["step"] == picked
             values = {"update": c["step"], "acc_held_out": c.get("acc_held_out"), "acc_forget": c.get("acc_forget"),
-                      "proxy_damage": c.get("damage")}
+                      "proxy_damage": c.get("damage"), "proxy_erosion": c.get("erosion")}
             self._child(update_run_name(c["step"], chosen), t0 + i, chosen, _numeric(values, values),
                         {"update": c["step"]})
             made += 1
@@ -234,7 +234,8 @@ class SearchTracker:
             summary = {"neggrad_threshold": record.get("threshold")}
             if kept is not None:  # the kept model's values (else the dampening's, from log_curve)
                 summary.update(neggrad_update=kept["step"], acc_held_out=kept.get("acc_held_out"),
-                               proxy_damage=kept.get("damage"), max_damage=max_damage)
+                               proxy_damage=kept.get("damage"), proxy_erosion=kept.get("erosion"),
+                               max_damage=max_damage)
             self.log_metrics(summary)
             self.client.log_figure(self.parent_run_id, neggrad_figure(record, max_damage), NEGGRAD_PLOT_FILE)
         return made

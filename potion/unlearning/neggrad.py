@@ -70,32 +70,39 @@ def neggrad_steps(
     size = min(forget_batch, len(fy))
     ce = nn.functional.cross_entropy
     prev: tuple[Tensor, Tensor] | None = None
-    for step in range(1, steps + 1):
-        model.train()
-        x, y = next(batches)
-        x, y = x.to(device), y.to(device)
-        if paste is not None and paste_rows:
-            # other images than this batch's: the same image with and without the trigger in one
-            # batch healed less on CIFAR sine (a scratch probe, 100 updates: 82-84 % against 88-89 %)
-            here = (x[:paste_rows], y[:paste_rows])
-            if prev is not None:
-                x, y = torch.cat([x, paste(prev[0])]), torch.cat([y, prev[1]])
-            prev = here
-        pick = torch.randperm(len(fy), generator=gen)[:size].to(fx.device)
-        # one forward for both: batch norm's statistics from Sf alone (a batch of triggered
-        # images) moved the running statistics off the clean data; on the CIFAR sine model
-        # the separate forward healed 86 % with ASR 0.07, the joint one ASR 0.007 (negrad_probe)
-        out = model(torch.cat([x, fx[pick]]))
-        # capped per sample: the forgotten ones stop pulling while the rest still do
-        away = ce(out[len(x):], fy[pick], reduction="none").clamp(max=cap).mean()
-        loss = ce(out[:len(x)], y) - ascent * away
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step == steps or (step >= first_check and step % check_every == 0):
-            model.eval()
-            yield step
+    # channels-last, as training runs it: 1.2× faster updates of the quarter-width ResNet-9 on
+    # CPU (0.19 against 0.23 s for 208 rows); the model is handed back in the usual layout
+    fmt = torch.channels_last if fx.dim() == 4 else torch.contiguous_format
+    model.to(memory_format=fmt)
+    try:
+        for step in range(1, steps + 1):
+            model.train()
+            x, y = next(batches)
+            x, y = x.to(device), y.to(device)
+            if paste is not None and paste_rows:
+                # other images than this batch's: the same image with and without the trigger in one
+                # batch healed less on CIFAR sine (a scratch probe, 100 updates: 82-84 % against 88-89 %)
+                here = (x[:paste_rows], y[:paste_rows])
+                if prev is not None:
+                    x, y = torch.cat([x, paste(prev[0])]), torch.cat([y, prev[1]])
+                prev = here
+            pick = torch.randperm(len(fy), generator=gen)[:size].to(fx.device)
+            # one forward for both: batch norm's statistics from Sf alone (a batch of triggered
+            # images) moved the running statistics off the clean data; on the CIFAR sine model
+            # the separate forward healed 86 % with ASR 0.07, the joint one ASR 0.007 (negrad_probe)
+            out = model(torch.cat([x, fx[pick]]).contiguous(memory_format=fmt))
+            # capped per sample: the forgotten ones stop pulling while the rest still do
+            away = ce(out[len(x):], fy[pick], reduction="none").clamp(max=cap).mean()
+            loss = ce(out[:len(x)], y) - ascent * away
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if step == steps or (step >= first_check and step % check_every == 0):
+                model.eval()
+                yield step
+    finally:
+        model.to(memory_format=torch.contiguous_format)
     model.eval()
 
 

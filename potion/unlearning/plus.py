@@ -8,11 +8,9 @@ repair (beyond the paper; docs/method.md).
    measured on the grown set.
 2. NegGrad+ (:mod:`potion.unlearning.neggrad`) on the grown Sf, from θ0, with a share of Sf
    held out of its updates and, beside each clean batch, clean images with the trigger
-   estimated from Sf pasted on (:mod:`potion.unlearning.transplant`). Every few updates in
-   the second half of its schedule the held-out part of Sf and the clean proxy are measured;
-   the latest check within δ of proxy damage whose held-out accuracy crosses ρ · (its
-   accuracy at θ0), counted above the target-class floor (see :func:`_neggrad`), is kept,
-   and the heal ends there, with no importance pass at all.
+   estimated from Sf pasted on (:mod:`potion.unlearning.transplant`). Its latest check whose
+   held-out rows cross the stop line within δ of proxy damage is kept
+   (:mod:`potion.unlearning.neggrad_guard`), and the heal ends there, with no importance pass.
    Otherwise the heal goes on as without it:
 3. Round 1 is the guard's search on the grown Sf (by default the only one: further rounds and
    the repair healed no more, benchmarks/results/heal_more.md). Each further round recomputes I_f at the
@@ -30,16 +28,15 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, NamedTuple, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from potion.errors import PotionError
-from potion.metrics import batches_accuracy
 from potion.unlearning.evaluator import StepEvaluator
 from potion.unlearning.expansion import ExpansionRule, fit_expansion
 from potion.unlearning.guard import guard_search, proxy_damage
-from potion.unlearning.neggrad import neggrad_steps
+from potion.unlearning.neggrad_guard import NO_REPAIR, RepairSet, guarded_neggrad
 from potion.unlearning.importances import compute_importances
 from potion.unlearning.block_scan import BlockRule, block_features, scan_blocks
 from potion.unlearning.methods import (
@@ -53,22 +50,10 @@ from potion.unlearning.methods import (
 from potion.unlearning.proxy_split import penultimate_features
 from potion.unlearning.ptn import NothingToHeal, PTNNoCrossing, StepResult
 from potion.unlearning.repair import guarded_repair
-from potion.unlearning.transplant import CleanStats, clean_stats, estimate_trigger, paste
+from potion.unlearning.rows import Batches, kept_rows
+from potion.unlearning.transplant import clean_stats
 
 Tensor = torch.Tensor
-Batches = list[tuple[Tensor, Tensor]]
-
-
-def kept_rows(batches: Sequence, keep: Tensor | None, size: int, shuffle_seed: int | None = None) -> Batches:
-    """The kept rows of ``batches`` (``keep`` over all their rows, None: all), in order or in a
-    seeded random order with ``shuffle_seed``, re-cut every ``size``."""
-    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
-    if keep is not None:
-        x, y = x[keep.to(x.device)], y[keep.to(y.device)]
-    if shuffle_seed is not None:
-        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(shuffle_seed))
-        x, y = x[order.to(x.device)], y[order.to(y.device)]
-    return [(x[i:i + size], y[i:i + size]) for i in range(0, len(y), size)]
 
 
 @dataclass(frozen=True)
@@ -168,19 +153,6 @@ def _expansion(ctx: HealContext) -> tuple[PoisonRules | None, Tensor | None, dic
     return rules, mask, record
 
 
-class RepairSet(NamedTuple):
-    """The clean retain images NegGrad+ and the repair train on, and what the first pass saw."""
-
-    passes: Callable[[], Iterator[tuple[Tensor, Tensor]]] | None  # a fresh pass per call
-    kept: int
-    dropped: int  # target-labelled images the rules flagged
-    clean: CleanStats | None  # the kept images' statistics: the clean side of the trigger's estimate
-    target_share: float  # the kept images' share under a target label
-
-
-NO_REPAIR = RepairSet(None, 0, 0, None, 0.0)
-
-
 def _repair_set(ctx: HealContext, rules: PoisonRules | None, targets: Tensor) -> RepairSet:
     """The repair's clean images as a fresh pass per call, in the same order, one batch in memory
     at a time (ILSVRC's 12,800 would be 7.7 GB as tensors): target-labelled ones the rules call
@@ -244,16 +216,18 @@ def _potion_plus(ctx: HealContext) -> HealResult:
         grown = torch.cat([torch.ones(n_forget, dtype=torch.bool), mask])
         forget = kept_rows(list(ctx.forget_batches) + list(ctx.suspect_batches), grown, size)
         n_forget += int(mask.sum())
+    t_rep = time.perf_counter()
     repair = _repair_set(ctx, rule, targets) if cfg.clean_steps else NO_REPAIR
+    stages = {"expansion_s": t_rep - t0, "repair_pass_s": time.perf_counter() - t_rep}
     plus_info = {**dataclasses.asdict(cfg), "expansion": expansion, "n_forget_grown": n_forget,
                  "repair_dropped": repair.dropped, "repair_images": repair.kept}
     if cfg.neggrad_steps and repair.kept and n_forget >= cfg.neggrad_min_forget:
         t_ng = time.perf_counter()
-        state, plus_info["neggrad"] = _neggrad(ctx, forget, n_forget, repair)
+        state, plus_info["neggrad"] = guarded_neggrad(ctx, forget, n_forget, repair)
         if state is not None:
             info = {"estimator": None, "step": "neggrad", "acc0": plus_info["neggrad"]["acc0"],
                     "threshold": plus_info["neggrad"]["threshold"], "plus": plus_info}
-            return HealResult("potion_plus", state, info, {"neggrad_s": time.perf_counter() - t_ng})
+            return HealResult("potion_plus", state, info, {**stages, "neggrad_s": time.perf_counter() - t_ng})
     if cfg.expand and mask is not None and mask.any():
         # the grown set is new to the importance cache: measured here (Sf is small)
         ctx.model.load_state_dict(ctx.state0)
@@ -323,72 +297,3 @@ def _round(ctx: HealContext, ev0: StepEvaluator, ev: StepEvaluator, res, repair:
                                         check_every=cfg.repair_check, device=ctx.device)
             options.append(measured(name, fixed, {"repair": {"k": k, **rec.to_dict()}}))
     return _pick(options, ctx.ptn.rho * acc0, delta, cfg.repair_tolerance)
-
-
-def _holdout(forget: Sequence, share: float, seed: int) -> tuple[Tensor, Tensor, Batches]:
-    """Sf's rows split at random: (x, y) to update on, and the held-out rows as batches."""
-    x = torch.cat([b[0] for b in forget])
-    y = torch.cat([b[1] for b in forget])
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed)).to(y.device)
-    out = torch.zeros(len(y), dtype=torch.bool, device=y.device)
-    out[perm[:max(1, round(share * len(y)))]] = True
-    keep = perm[~out[perm]]
-    return x[keep], y[keep], kept_rows(forget, out, max(len(b[1]) for b in forget))
-
-
-def _neggrad(ctx: HealContext, forget: Sequence, n_forget: int, repair: RepairSet) -> tuple[dict | None, dict]:
-    """NegGrad+ from θ0, measured every few updates: its latest check within δ whose held-out
-    accuracy crosses the stop line, else None; and the record of every check.
-
-    The stop line is ρ · acc0 of the held-out rows' accuracy in excess of a floor: poison made
-    from target-class images (about ``repair.target_share`` of it, the clean images' share under the
-    target label) keeps its label in a healed model. (acc − π) ≤ ρ · (acc0 − π), i.e.
-    acc ≤ ρ · acc0 + (1 − ρ) · π. Measured: on the cifar10-cpu BadNet model at 100 %, whose
-    backdoor acts on 60 % of Sf, the held-out accuracy stayed at 0.15 against ρ · acc0 = 0.12
-    while the check healed 99.4 % at +0.30 points on the test split."""
-    cfg, delta = ctx.plus, ctx.guard.max_damage
-    fx, fy, held = _holdout(forget, cfg.neggrad_holdout, seed=0)
-    paste_fn = None
-    clean = repair.clean
-    if cfg.neggrad_transplant and clean is not None:
-        # from the rows it updates on: the held-out ones must not have been seen at all
-        trigger = estimate_trigger(fx, clean)
-        paste_fn = lambda x: paste(x, trigger, clean)  # noqa: E731
-    ev = StepEvaluator(ctx.model, ctx.state0, None, None, forget, n_forget, ctx.n_total, ctx.ptn,
-                       device=ctx.device, fast=ctx.fast_eval, proxy_batches=ctx.proxy_batches)
-    base, acc0 = ev.proxy_base, float(ev.acc0)  # both at θ0, before any update
-    ctx.model.load_state_dict(ctx.state0)
-    ctx.model.eval()
-    held0 = batches_accuracy(ctx.model, held, ctx.device, ctx.fast_eval)
-    floor = min(repair.target_share, held0)
-    threshold = ctx.ptn.rho * held0 + (1 - ctx.ptn.rho) * floor
-    record: dict[str, Any] = {"acc0": acc0, "held_out": sum(len(y) for _, y in held), "acc0_held_out": held0,
-                              "threshold": threshold, "floor": floor, "checks": [], "picked": None,
-                              "transplant": cfg.neggrad_transplant if paste_fn is not None else 0}
-    kept: dict | None = None
-    low: float | None = None  # the lowest held-out accuracy within δ, for the reason
-    for step in neggrad_steps(ctx.model, repair.passes, fx, fy, steps=cfg.neggrad_steps, lr=cfg.neggrad_lr,
-                              ascent=cfg.neggrad_ascent, cap=cfg.neggrad_cap, forget_batch=cfg.neggrad_forget_batch,
-                              check_every=cfg.neggrad_check, first_check=int(cfg.neggrad_check_from * cfg.neggrad_steps),
-                              device=ctx.device, paste=paste_fn,
-                              paste_rows=cfg.neggrad_transplant):
-        # measured in place; the weights are copied only when the check qualifies
-        r = ev.evaluate_state(ctx.model.state_dict(), step)
-        check = {"step": step, "acc_held_out": batches_accuracy(ctx.model, held, ctx.device, ctx.fast_eval),
-                 "acc_forget": r.acc_forget, "damage": proxy_damage(r, base, acc0, 0.0)}
-        record["checks"].append(check)
-        if check["damage"] < -delta:
-            continue
-        low = check["acc_held_out"] if low is None else min(low, check["acc_held_out"])
-        # the latest qualifying check wins: the rate has decayed furthest there. On CIFAR sine
-        # the proxy could not rank the late checks (±0.5 points of noise) while the test split
-        # saw the damage fall to the end of the schedule (heal_more.md)
-        if check["acc_held_out"] <= threshold:
-            kept = {n: t.detach().clone() for n, t in ctx.model.state_dict().items()}
-            record["picked"] = step
-    if kept is None:
-        record["reason"] = ("no check within δ" if low is None else
-                            f"held-out accuracy {low:.4f} above ρ · {held0:.4f} at every check within δ")
-        return None, record
-    record["reason"] = "crossed within δ"
-    return kept, record

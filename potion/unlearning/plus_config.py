@@ -40,6 +40,11 @@ class PlusConfig:
     # clean retain images per update with the trigger, estimated from Sf, pasted on under their
     # true labels (potion.unlearning.transplant); 0 = off
     neggrad_transplant: int = 48
+    # when every check under the stop line reads more than δ of proxy damage, run the same
+    # schedule without the unlearning (no ascent, nothing pasted) and count only the damage
+    # beyond what that control costs the proxy: the erosion of θ0's memory of its training
+    # images, which the test split does not see (potion.unlearning.neggrad_guard)
+    neggrad_erosion: bool = True
     # share of Sf held out of the updates: its accuracy tells forgetting the trigger from
     # forgetting the samples
     neggrad_holdout: float = 0.2
