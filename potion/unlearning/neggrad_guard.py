@@ -83,7 +83,9 @@ def guarded_neggrad(ctx: HealContext, forget: Sequence, n_forget: int,
                              first_check=int(cfg.neggrad_check_from * cfg.neggrad_steps), device=ctx.device,
                              paste=paste_with, paste_rows=cfg.neggrad_transplant)
 
-    def snapshot() -> dict:  # on the host: up to eight copies of a ViT's weights would not fit beside it
+    # On the host: a copy per check under the stop line (up to eight, and eight more for the
+    # control) would not fit beside a ViT on its accelerator
+    def snapshot() -> dict:
         return {n: t.detach().to("cpu").clone(memory_format=torch.contiguous_format)
                 for n, t in ctx.model.state_dict().items()}
 
